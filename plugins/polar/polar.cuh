@@ -15,20 +15,28 @@ namespace kvx {
 
 __host__ __device__ __forceinline__ int polarLevelBits(int packed, int lvl) { return (packed >> (4 * (lvl - 1))) & 15; }
 
-// Bits [start, start + nbits) of a (shared-memory) byte row, LSB-first, as the low bits of a
-// uint64 ((start % 8) + nbits <= 64).  Reads 8 bytes: rows are staged with >= 8 spare bytes.
-__device__ __forceinline__ uint64_t polarBits(const uint8_t* row, int start, int) {
-  const uint8_t* p = row + (start >> 3);
-  uint64_t w = 0;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) w |= uint64_t(p[k]) << (8 * k);
-  return w >> (start & 7);
+// Window of the staged code words (16-byte aligned shared memory, >= 8 spare bytes after the
+// last row): bits [bit, bit + 32) resp. [bit, bit + 64) of the LSB-first stream.
+__device__ __forceinline__ uint32_t polarWin32(const uint32_t* w, int bit) {
+  const int q = bit >> 5;
+  return __funnelshift_r(w[q], w[q + 1], bit & 31);
+}
+__device__ __forceinline__ void polarWin64(const uint32_t* w, int bit, uint32_t& lo, uint32_t& hi) {
+  const int q = bit >> 5, s = bit & 31;
+  const uint32_t a = w[q], b = w[q + 1], c = w[q + 2];
+  lo = __funnelshift_r(a, b, s);
+  hi = __funnelshift_r(b, c, s);
 }
 
-// Reader: one lane unit = (token, block of 2^L coordinates).  The block is expanded top-down
-// in fp32 registers from its radius (ρ ← ρ·cos / ρ·sin per level, the reference's product
-// order), written to the tile in the rotated domain (q is rotated once in the prologue, the
-// output rotated back once in the combine).  Table: per level (cos, sin) pairs, float2.
+// Reader: one lane unit = (token, block of 2^L = 16 coordinates).  32 lanes cover 32 / NBLK
+// tokens of a subtile per step, so a lane keeps its block index i (and every per-level bit and
+// table offset) for the whole subtile.  Per unit: the block's codes of each level are one
+// 32-bit window (level 1: 64 bits) of the staged row, read with 2–3 word loads and funnel
+// shifts; each radius is loaded one step ahead.  The block is expanded top-down
+// in fp32 registers from ρ = radius·√D (ρ·cos / ρ·sin per level, the reference's product
+// order: the result is the previous reader's bit for bit) and stored to the tile in the rotated
+// domain (q is rotated once in the prologue, the output rotated back once in the combine).
+// Per 16 coordinates: ~9 word loads, 15 table loads (float2), 30 FMUL, ~45 integer ops.
 template <int D, int L>
 struct PolarReader {
   static constexpr bool kRotated = true;
@@ -38,8 +46,10 @@ struct PolarReader {
   // Then per warp a staging area for 16 code rows (<= D bytes each at <= 8 bits per level) + 16 spare.
   static constexpr int kStageWords = (16 * D + 16) / 4;
   static constexpr int kTabWords = kTrigWords + 4 * kStageWords;
-  static_assert(D % kN == 0 && kN % 8 == 0, "blocks of 8, 16, ... coordinates dividing head_dim");
-  static_assert((kN / 2) * 8 <= 64, "level-1 codes of a block fit one 64-bit window");
+  static constexpr int kNBLK = D / kN;         // blocks per token
+  static constexpr int kRPS = 32 / kNBLK;      // tokens per warp step (32 lanes)
+  static_assert(L == 4, "the reader expands 1 / 2 / 4 / 8 angles per level (blocks of 16)");
+  static_assert(D % kN == 0 && 32 % kNBLK == 0, "head_dim 64, 128 or 256");
 
   // Table offsets (float2 entries) of level ℓ: Σ_{ℓ' < ℓ} 2^bℓ'.
   __device__ static void prepare(const KvxDecodeArgs& a, uint32_t* tab) {
@@ -55,36 +65,72 @@ struct PolarReader {
 
   __device__ static void load(const KvxDecodeArgs& a, const KvxField* f, int b, int h, int, int t0, int n,
                               __half* tile, const uint32_t* tab, int lane) {
-    constexpr int LDH = D + 8, NBLK = D / kN;
+    constexpr int LDH = D + 8;
     const float2* t2 = reinterpret_cast<const float2*>(tab);
-    int tot = 0, ttot = 0;  // code bits of a token row, table entries of all levels
+    const int i = lane % kNBLK, r0 = lane / kNBLK;
+    // Per level (index l − 1): bits, mask, bit offset of block i's codes in the row, table base.
+    int bl[L], off[L];
+    uint32_t msk[L];
+    int tl[L];
+    int tot = 0, ttot = 0;
 #pragma unroll
     for (int l = 1; l <= L; ++l) {
-      const int bl = polarLevelBits(a.bits, l);
-      tot += (D >> l) * bl;
-      ttot += 1 << bl;
+      bl[l - 1] = polarLevelBits(a.bits, l);
+      msk[l - 1] = (1u << bl[l - 1]) - 1u;
+      off[l - 1] = tot + i * (kN >> l) * bl[l - 1];
+      tl[l - 1] = ttot;
+      tot += (D >> l) * bl[l - 1];
+      ttot += 1 << bl[l - 1];
     }
-    const float sqd = sqrtf((float)D);
     const int rb = (tot + 7) / 8;  // code bytes per token row
+    const float sqd = sqrtf((float)D);
     uint8_t* stg = reinterpret_cast<uint8_t*>(const_cast<uint32_t*>(tab) + kTrigWords + (threadIdx.x >> 5) * kStageWords);
+    // The first radius is loaded before the code rows are staged, each next one an iteration ahead.
+    float radNext = r0 < n ? __half2float(__ldg(fieldPtr<const __half>(f[1], b, h, t0 + r0) + i)) : 0.f;
     warpStageRows(f[0], b, h, t0, n, rb, stg, lane);
-    for (int u = lane; u < n * NBLK; u += 32) {
-      const int r = u / NBLK, i = u % NBLK, t = t0 + r;
-      const uint8_t* row = stg + r * rb;
+    const uint32_t* sw = reinterpret_cast<const uint32_t*>(stg);
+#pragma unroll 1
+    for (int r = r0; r < n; r += kRPS) {
+      const float rad = radNext * sqd;
+      if (r + kRPS < n) radNext = __half2float(__ldg(fieldPtr<const __half>(f[1], b, h, t0 + r + kRPS) + i));
+      const int rowbit = r * rb * 8;
       float v[kN];
-      int loc = tot, toc = ttot;  // stream / table offsets, walked down from level L
-      v[0] = __half2float(__ldg(fieldPtr<const __half>(f[1], b, h, t) + i)) * sqd;
+      v[0] = rad;
+      {  // level 4: one angle
+        const uint32_t w = polarWin32(sw, rowbit + off[3]);
+        const float2 cs = t2[tl[3] + (w & msk[3])];
+        const float rho = v[0];
+        v[0] = rho * cs.x;
+        v[1] = rho * cs.y;
+      }
+      {  // level 3: two angles (top-down in place: v[j] is read before v[2j], v[2j+1] are written)
+        const uint32_t w = polarWin32(sw, rowbit + off[2]);
 #pragma unroll
-      for (int ll = 0; ll < L; ++ll) {  // level l = L − ll has 2^ll angles in the block
-        const int l = L - ll, bl = polarLevelBits(a.bits, l);
-        loc -= (D >> l) * bl;
-        toc -= 1 << bl;
-        const uint64_t w = polarBits(row, loc + i * (bl << ll), bl << ll);
-        const uint32_t mask = (1u << bl) - 1u;
+        for (int j = 1; j >= 0; --j) {
+          const float2 cs = t2[tl[2] + ((w >> (j * bl[2])) & msk[2])];
+          const float rho = v[j];
+          v[2 * j] = rho * cs.x;
+          v[2 * j + 1] = rho * cs.y;
+        }
+      }
+      {  // level 2: four angles (4·b₂ <= 32 bits)
+        const uint32_t w = polarWin32(sw, rowbit + off[1]);
 #pragma unroll
-        for (int jj = 0; jj < (1 << ll); ++jj) {
-          const int j = (1 << ll) - 1 - jj;  // top-down in place: v[j] is read before v[2j], v[2j+1] are written
-          const float2 cs = t2[toc + (uint32_t(w >> (j * bl)) & mask)];
+        for (int j = 3; j >= 0; --j) {
+          const float2 cs = t2[tl[1] + ((w >> (j * bl[1])) & msk[1])];
+          const float rho = v[j];
+          v[2 * j] = rho * cs.x;
+          v[2 * j + 1] = rho * cs.y;
+        }
+      }
+      {  // level 1: eight angles in a 64-bit window; codes 4..7 from the window shifted by 4·b₁
+        uint32_t lo, hi;
+        polarWin64(sw, rowbit + off[0], lo, hi);
+        const uint32_t mid = __funnelshift_rc(lo, hi, 4 * bl[0]);  // 4·b₁ = 32 gives hi
+#pragma unroll
+        for (int j = 7; j >= 0; --j) {
+          const uint32_t c = ((j < 4 ? lo : mid) >> ((j & 3) * bl[0])) & msk[0];
+          const float2 cs = t2[tl[0] + c];
           const float rho = v[j];
           v[2 * j] = rho * cs.x;
           v[2 * j + 1] = rho * cs.y;

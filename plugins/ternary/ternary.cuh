@@ -9,6 +9,8 @@
 #ifndef KVX_TERNARY_CUH
 #define KVX_TERNARY_CUH
 
+#include <type_traits>
+
 #include "../common/kvx_common.cuh"
 #include "../common/warp_stage.cuh"
 
@@ -16,29 +18,53 @@ namespace kvx {
 
 __host__ __device__ __forceinline__ int ternaryPlanes(int bits, bool key) { return key ? (bits & 0xff) : (bits >> 8) & 0xff; }
 
-// Reader: lane unit = (token, 8 channels = one 16-byte tile store).  The 8 trits of a plane
-// span at most 3 bytes; a 243-entry (padded to 256) shared table maps a byte to its 5 base-3 digits as 2-bit
-// fields, so the unit's digits are one 30-bit word shifted by 2·(c0 mod 5).  k̂ = Σ_p step·t
-// accumulated in fp32, rounded once to fp16.
+// Reader.  Lane unit = (token, 10 channels = one byte pair of a plane row), so every unit
+// starts on a byte: units per row kU = ⌈NB/2⌉, and a lane keeps its unit k for the whole
+// subtile (32 / kU token slots, rows slot, slot + kSLOTS, ...; 26 of 32 lanes busy at d = 128).
+// A 256-entry shared table maps a byte to its 5 trits as PRMT selector bytes (4 | d << 4,
+// digit d: 0 → 0, 1 → +1, 2 → −1); per plane and channel pair one PRMT turns two of them into
+// the half2 (t_c, t_{c+1}) ∈ {0, ±1}² and one HFMA2 adds step·t: per 10 channels and plane 2
+// byte loads, 2 table loads, 4 funnel / byte ops, 5 PRMT, 5 HFMA2 and the steps (per-channel
+// keys: 5 half2 loads of the key group's row, L1-resident across its tokens; per token: two
+// scalars, the unit's at most two step groups when a group is >= 16 channels, else per pair).
+// Planes are summed in fp16 from the last (smallest) to the first: the first product is exact,
+// then one rounding per plane on partial sums growing toward |x̂| (the previous reader summed
+// in fp32 and rounded once; on real K/V the element error vs the fp32 sum grows ~1.1×).
+// Tokens past the last full key group read the fp16 residual (row t − ⌊len/K⌋·K), as kivi's
+// reader does.
 template <int D, bool KEY>
 struct TernaryReader {
   static constexpr bool kRotated = false;
   static constexpr int kNB = (D + 4) / 5;
-  static constexpr int kLUT = 256;  // every byte value: a corrupt byte (> 242) stays in the table
+  static constexpr int kU = (kNB + 1) / 2;      // 10-channel units per row (last one partial)
+  static constexpr int kSLOTS = 32 / kU;        // tokens per warp step
+  static constexpr int kLUT = 2 * 256;          // uint2 per byte value (> 242: still 5 digits mod 3)
   // Then per warp a staging area for the trit rows of 16 tokens at <= 4 planes (more: global reads).
   static constexpr int kStagePlanes = 4;
   static constexpr int kStageWords = (16 * kStagePlanes * kNB + 16 + 15) / 16 * 4;
   static constexpr int kTabWords = kLUT + 4 * kStageWords;
-  static constexpr int kC = D / 8;
+  static constexpr uint32_t kHalfBytes = 0x00BC3C00u;  // PRMT source: byte d = high byte of half(t(d))
+  static_assert(kU <= 32 && kSLOTS >= 1, "head_dim <= 320");
 
   __device__ static void prepare(const KvxDecodeArgs&, uint32_t* tab) {
     for (int u = threadIdx.x; u < 256; u += blockDim.x) {
-      uint32_t w = 0;
+      uint32_t lo = 0, hi = 0;
       int v = u;
 #pragma unroll
-      for (int k = 0; k < 5; ++k) { w |= uint32_t(v % 3) << (2 * k); v /= 3; }
-      tab[u] = w;
+      for (int k = 0; k < 5; ++k) {
+        const uint32_t sel = 4u | uint32_t(v % 3) << 4;  // low nibble 4: byte 0 of the zero operand
+        if (k < 4) lo |= sel << (8 * k); else hi = sel;
+        v /= 3;
+      }
+      tab[2 * u] = lo;
+      tab[2 * u + 1] = hi;
     }
+  }
+
+  // (t_c, t_{c+1}) as half2 bits from two selector bytes in the low 16 bits of x.
+  __device__ __forceinline__ static __half2 trits2(uint32_t x) {
+    const uint32_t r = __byte_perm(kHalfBytes, 0u, x);
+    return *reinterpret_cast<const __half2*>(&r);
   }
 
   __device__ static void load(const KvxDecodeArgs& a, const KvxField* f, int b, int h, int len, int t0, int n,
@@ -52,54 +78,71 @@ struct TernaryReader {
     const bool staged = P <= kStagePlanes;
     const uint8_t* stg = reinterpret_cast<const uint8_t*>(tab + kLUT + (threadIdx.x >> 5) * kStageWords);
     if (staged) warpStageRows(f[0], b, h, t0, nfull, P * kNB, const_cast<uint8_t*>(stg), lane);
-    for (int u = lane; u < n * kC; u += 32) {
-      const int r = u / kC, c0 = 8 * (u % kC), t = t0 + r;
-      uint4* dst = reinterpret_cast<uint4*>(tile + r * LDH + c0);
-      if (t >= full) {  // fp16 residual key (per-channel layout only)
-        *dst = __ldg(reinterpret_cast<const uint4*>(fieldPtr<const __half>(f[2], b, h, t - full) + c0));
-        continue;
-      }
-      const uint8_t* row = staged ? stg + r * P * kNB : fieldPtr<const uint8_t>(f[0], b, h, t);
-      const int by = c0 / 5, sh = 2 * (c0 - 5 * by), nby = (c0 + 7) / 5 - by + 1;  // 2 or 3 bytes
-      float acc[8];
+    const int k = lane % kU, slot = lane / kU;
+    if (slot >= kSLOTS) return;  // idle lanes (the caller's __syncwarp follows)
+    const int c0 = 10 * k;
+    const bool lastOdd = (kNB & 1) && k == kU - 1;  // the row's last byte has no partner
+    const uint2* lut = reinterpret_cast<const uint2*>(tab);
+    // Per-token steps (values, token keys): step groups of the unit when grp >= 16 (a power of
+    // two: grp divides D), the boundary channel between them.
+    const int gA = c0 / grp, gB = min((c0 + 9) / grp, G - 1), cb = gB * grp;
+    auto rows = [&](auto stagedTag) {
+      for (int r = slot; r < n; r += kSLOTS) {
+        const int t = t0 + r;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(tile + r * LDH + c0);
+        if (t >= full) {  // fp16 residual key (per-channel layout only)
+          const uint32_t* src = reinterpret_cast<const uint32_t*>(fieldPtr<const __half>(f[2], b, h, t - full) + c0);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-      for (int p = 0; p < P; ++p) {
-        const uint8_t* pr = row + p * kNB + by;
-        uint32_t w = tab[pr[0]] | (tab[pr[1]] << 10);
-        if (nby > 2) w |= tab[pr[2]] << 20;
-        w >>= sh;
-        float s[8];
-        if (kg > 0) {
-          const uint4 s4 = __ldg(reinterpret_cast<const uint4*>(fieldPtr<const __half>(f[1], b, h, t / max(kg, 1)) + p * D + c0));
-          const __half2* s2 = reinterpret_cast<const __half2*>(&s4);
+          for (int j = 0; j < 5; ++j)
+            if (c0 + 2 * j < D) dst[j] = __ldg(src + j);
+          continue;
+        }
+        const uint8_t* row;  // shared (staged) or global: separate instantiations keep LDS for the first
+        if constexpr (decltype(stagedTag)::value) row = stg + r * P * kNB;
+        else row = fieldPtr<const uint8_t>(f[0], b, h, t);
+        // Steps: per-channel keys (P, D) of t's key group from channel c0; else per token (P, G).
+        const __half* sp = KEY && kg > 0 ? fieldPtr<const __half>(f[1], b, h, t / max(kg, 1)) + c0
+                                         : fieldPtr<const __half>(f[1], b, h, t);
+        __half2 acc[5];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) { const float2 x = __half22float2(s2[e]); s[2 * e] = x.x; s[2 * e + 1] = x.y; }
-        } else {
-          const __half* st = fieldPtr<const __half>(f[1], b, h, t) + p * G;
-          if (grp % 8 == 0) {
-            const float sv = __half2float(__ldg(st + c0 / grp));
+        for (int j = 0; j < 5; ++j) acc[j] = __float2half2_rn(0.f);
+#pragma unroll 1
+        for (int p = P - 1; p >= 0; --p) {
+          const uint8_t* pr = row + p * kNB + 2 * k;
+          const uint32_t by0 = pr[0], by1 = lastOdd ? 0u : pr[1];
+          const uint2 e0 = lut[by0], e1 = lut[by1];
+          __half2 tr[5];
+          tr[0] = trits2(e0.x);                                // t0 t1
+          tr[1] = trits2(e0.x >> 16);                          // t2 t3
+          tr[2] = trits2(__byte_perm(e0.y, e1.x, 0x40));       // t4 t5
+          tr[3] = trits2(e1.x >> 8);                           // t6 t7
+          tr[4] = trits2(__funnelshift_r(e1.x, e1.y, 24));     // t8 t9
+          __half2 st[5];
+          if (KEY && kg > 0) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) s[e] = sv;
+            for (int j = 0; j < 5; ++j)
+              st[j] = c0 + 2 * j < D ? __ldg(reinterpret_cast<const __half2*>(sp + p * D) + j) : __float2half2_rn(0.f);
+          } else if (grp >= 16) {
+            const __half2 sA = __half2half2(__ldg(sp + p * G + gA)), sB = __half2half2(__ldg(sp + p * G + gB));
+#pragma unroll
+            for (int j = 0; j < 5; ++j) st[j] = c0 + 2 * j < cb ? sA : sB;
           } else {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) s[e] = __half2float(__ldg(st + (c0 + e) / grp));
+            for (int j = 0; j < 5; ++j) {
+              const int c = min(c0 + 2 * j, D - 2);
+              st[j] = __halves2half2(__ldg(sp + p * G + c / grp), __ldg(sp + p * G + (c + 1) / grp));
+            }
           }
+#pragma unroll
+          for (int j = 0; j < 5; ++j) acc[j] = __hfma2(st[j], tr[j], acc[j]);
         }
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const uint32_t d = (w >> (2 * e)) & 3u;  // 0 → 0, 1 → +1, 2 → −1
-          acc[e] = fmaf(s[e], float(int(d & 1u) - int(d >> 1)), acc[e]);
-        }
+        for (int j = 0; j < 5; ++j)
+          if (c0 + 2 * j < D) dst[j] = *reinterpret_cast<const uint32_t*>(&acc[j]);
       }
-      uint32_t o[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const __half2 x = __floats2half2_rn(acc[2 * e], acc[2 * e + 1]);
-        o[e] = *reinterpret_cast<const uint32_t*>(&x);
-      }
-      *dst = make_uint4(o[0], o[1], o[2], o[3]);
-    }
+    };
+    if (staged) rows(std::true_type{});
+    else rows(std::false_type{});
   }
 };
 
