@@ -6,8 +6,10 @@ With ``--model M`` (``default``, ``tiny:llama``, ...): the whole decoder is expo
 onnxruntime (present cache fed back as past).  Per step onnxruntime runs on torch's exact inputs
 (ids, positions, past cache): logit error max / mean / median of the last position, the max over
 steps whose packed codes came out identical, how many steps had differing codes and the largest
-mismatch fraction of the first layer that differed; plus the fraction of greedy tokens that agree
-when each backend runs free on its own cache.
+mismatch fraction of the first layer that differed; the fraction of greedy tokens that agree
+when each backend runs free on its own cache and the first step where they differ; and, teacher-forced
+(onnxruntime on its own cache but fed torch's tokens), argmax agreement and logit error per step
+(``kvexport.onnx.agreement``).
 
 Without ``--model`` (op level): for each codec, a one-layer cache step (encode K, encode V, attend; the shapes of the
 default model: 9 query / 3 KV heads, head_dim 64) goes through torch.onnx.export
@@ -17,6 +19,7 @@ the fraction of packed bytes that differ between the torch encode and the ORT en
 
     python scripts/bench_export.py [--codecs fp16,kivi] [--tokens 512] OUT.json
     python scripts/bench_export.py --model default --steps 64 OUT.json
+    python scripts/bench_export.py OUT.json --merge A.json B.json     # rows of parallel runs
 """
 
 from __future__ import annotations
@@ -93,8 +96,21 @@ def bench_model(model: str, codec: str, steps: int) -> dict:
                 max_err_equal_codes=rep["logit_error_steps_with_equal_codes"]["max"],
                 code_mismatch_steps=rep["code_mismatch_steps"],
                 first_layer_code_mismatch=rep["first_layer_code_mismatch"]["max"],
-                token_agreement=rep["token_agreement"],
-                first_divergence=rep["first_divergence"], within_tol=rep["within_tolerance"])
+                fp16_flip_steps=rep["fp16_flip_steps"],
+                token_agreement=rep["token_agreement"], first_divergence=rep["first_divergence"],
+                teacher_forced_agreement=rep["teacher_forced"]["token_agreement"],
+                teacher_forced_max_err=rep["teacher_forced"]["logit_error"]["max"],
+                teacher_forced_median_err=rep["teacher_forced"]["logit_error"]["median"],
+                within_tol=rep["within_tolerance"])
+
+
+def _write_table(out: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(f"{r.get(k):.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
+           + " |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
 
 
 def main() -> int:
@@ -104,19 +120,28 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=512, help="op level: cache tokens")
     ap.add_argument("--model", default=None, help="whole-model mode: the model to export")
     ap.add_argument("--steps", type=int, default=64, help="whole-model mode: greedy decode steps")
+    ap.add_argument("--machine", default=None, help="a label stored in every row (where it ran)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="IN.json",
+                    help="only merge the rows of earlier runs (same model / steps) into OUT")
     a = ap.parse_args()
     out = Path(a.out)
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        meta = {k: v for k, v in parts[0].items() if k != "rows"}
+        if any({k: v for k, v in p.items() if k != "rows"} != meta for p in parts):
+            raise SystemExit("--merge: the runs differ in model / steps / tokens")
+        rows = [r for p in parts for r in p["rows"]]
+        out.write_text(json.dumps(dict(**meta, rows=rows), indent=2) + "\n")
+        _write_table(out, rows)
+        return 0 if all(r["within_tol"] for r in rows) else 1
     rows = []
     for c in a.codecs.split(","):
         rows.append(bench_model(a.model, c, a.steps) if a.model else bench(c, a.tokens))
+        if a.machine:
+            rows[-1]["machine"] = a.machine
         meta = dict(model=a.model, steps=a.steps) if a.model else dict(tokens=a.tokens, head_dim=64)
         out.write_text(json.dumps(dict(**meta, rows=rows), indent=2) + "\n")   # after each codec
-    keys = list(rows[0])
-    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    md += ["| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-           for r in rows]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    _write_table(out, rows)
     return 0 if all(r["within_tol"] for r in rows) else 1
 
 

@@ -67,3 +67,32 @@ def test_sigterm_leaves_no_half_written_output(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert "interrupted" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_backend_onnxruntime_writes_agreement_report(tmp_path):
+    """compare --backend onnxruntime on tiny:llama: report.json / report.md with, per codec, the
+    per-output errors, code mismatch fractions, token agreement and first divergence."""
+    out = tmp_path / "o"
+    r = _run("compare", "--backend", "onnxruntime", "--model", "tiny:llama", "--codec", "kivi:group=8",
+             "--windows", "2", "--window-len", "19", "--steps", "5", "--no-progress", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["backend"] == "onnxruntime" and rep["windows"] == 2 and rep["steps"] == 5
+    (row,) = rep["codecs"]
+    assert row["spec"] == "kivi:group=8" and row["export_seconds"] > 0 and row["files"]["model.onnx.data"] > 0
+    assert set(row["outputs"]) == {"logits", "key.codes", "key.scale", "key.zero", "key.residual",
+                                   "value.codes", "value.scale", "value.zero"}
+    for k in ("logits", "key.scale", "value.zero"):
+        assert set(row["outputs"][k]) == {"max", "mean", "median"}
+    assert row["outputs"]["key.codes"]["bytes_compared"] > 0 and row["outputs"]["value.codes"]["code_mismatch"] == 0
+    assert row["outputs"]["logits"]["max"] < 1e-4, row["outputs"]["logits"]
+    assert row["token_agreement"] == 1.0 and row["first_divergence"] is None
+    assert row["teacher_forced"]["token_agreement"] == 1.0 and len(row["first_difference"]) == 5
+    assert row["within_tolerance"]
+    assert "| kivi:group=8 |" in (out / "report.md").read_text()
+
+
+def test_compare_backend_onnxruntime_refuses_torch_only_options(tmp_path):
+    r = _run("compare", "--backend", "onnxruntime", "--model", "tiny:llama", "--compress", "k", str(tmp_path / "o"))
+    assert r.returncode == 2 and "--compress not supported with --backend onnxruntime" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()

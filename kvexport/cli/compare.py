@@ -30,6 +30,14 @@ def add_parser(sub) -> None:
     p.add_argument("--compress", choices=("kv", "k", "v"), default="kv",
                    help="which half of the cache the codec compresses: kv (default), k (keys only, values fp16) "
                         "or v (values only, keys fp16); applied to every codec")
+    p.add_argument("--backend", choices=tuple(BACKENDS), default="torch",
+                   help="torch (default): perplexity / attention fidelity / memory of each codec with the reference "
+                        "math; cuda: the same with attention on the compressed cache in the CUDA kernels (needs "
+                        "--device cuda; half of each window prefilled, then one-token decode steps); onnxruntime: "
+                        "export the model with each codec and report torch ↔ onnxruntime agreement (errors per "
+                        "output, code mismatch, greedy token agreement) on the text windows")
+    p.add_argument("--steps", type=int, default=64,
+                   help="onnxruntime backend: greedy tokens generated after each window (prefill included; default 64)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json(p)
     add_output_dir(p)
@@ -37,6 +45,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from . import CliError
+    if args.windows < 1 or args.window_len < 2:
+        raise CliError("--windows must be >= 1 and --window-len >= 2")
+    return BACKENDS[args.backend](args)
+
+
+def _run_torch(args) -> int:
     from ..data import read_text
     from ..models.compare import CompareConfig, build_plans, default_specs, run_compare, summary, write_reports
     from ..models.loading import load_model
@@ -46,6 +61,8 @@ def run(args) -> int:
                         compress=args.compress)
     if args.windows < 1 or args.window_len < 2:
         raise CliError("--windows must be >= 1 and --window-len >= 2")
+    if args.backend == "cuda" and not str(args.device).startswith("cuda"):
+        raise CliError(f"--backend cuda runs the model on the GPU: add --device cuda (got --device {args.device})")
     if args.fp16_window is not None and args.fp16_window < 0:
         raise CliError(f"--fp16-window must be >= 0, got {args.fp16_window}")
     text = read_text(args.text)
@@ -56,7 +73,7 @@ def run(args) -> int:
         geo = lm.recipe.geometry(lm.model.config)
         build_plans(cfg, geo.layers)  # bad specs fail before the windows are tokenized
         rep = run_compare(lm, text, text_name, cfg, progress=not args.no_progress, device=args.device,
-                          codec_device=args.codec_device)
+                          codec_device=args.codec_device, backend=args.backend)
         write_reports(rep, out)
     if args.json:
         print(json.dumps(summary(rep), indent=2))
@@ -67,3 +84,45 @@ def run(args) -> int:
                   f"ppl {r['ppl']:8.3f}  Δ {r['delta_ppl']:+8.3f}  cos {r['attn_cosine']:.4f}")
         print(f"wrote {args.out_dir}/report.json, report.md, report.html")
     return 0
+
+
+def _run_onnxruntime(args) -> int:
+    from .. import codecs
+    from ..data import read_text
+    from ..models.compare import default_specs
+    from ..models.evaluate import text_windows
+    from ..models.loading import load_model
+    from ..onnx.agreement import compare_onnxruntime, write_reports
+    from . import CliError
+    unsupported = [f for f, bad in (("--fp16-window", args.fp16_window is not None),
+                                    ("--layer-codec", args.layer_codec), ("--compress", args.compress != "kv"),
+                                    ("--codec-device", args.codec_device), ("--device", args.device != "cpu")) if bad]
+    if unsupported:
+        raise CliError(f"{', '.join(unsupported)} not supported with --backend onnxruntime")
+    if args.steps < 1:
+        raise CliError(f"--steps must be >= 1, got {args.steps}")
+    specs = list(dict.fromkeys(args.codec or default_specs()))
+    for s in specs:
+        codecs.from_spec(s)                       # bad specs fail before the model loads
+    text = read_text(args.text)
+    with output_dir(args.out_dir, args.force) as out:
+        lm = load_model(args.model)
+        prompts = text_windows(lm, text, args.windows, args.window_len)
+        rep = compare_onnxruntime(lm, args.model, specs, prompts, args.steps, progress=not args.no_progress)
+        rep["text"] = args.text or "default (exllamav2 wiki.utf8, English Wikipedia)"
+        write_reports(rep, out)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+    else:
+        for r in rep["codecs"]:
+            lo = r["outputs"]["logits"]
+            print(f"{r['spec']:<28} logits |Δ| max {lo['max']:.2e} mean {lo['mean']:.2e} median {lo['median']:.2e}  "
+                  f"tokens {r['token_agreement']:.3f} (first divergence {r['first_divergence']}, teacher-forced "
+                  f"{r['teacher_forced']['token_agreement']:.3f})  "
+                  f"{'ok' if r['within_tolerance'] else 'OUTSIDE tolerance'}")
+        print(f"wrote {args.out_dir}/report.json, report.md")
+    return 0 if all(r["within_tolerance"] for r in rep["codecs"]) else 1
+
+
+# --backend → runner; a new backend is a runner function and one entry here.
+BACKENDS = {"torch": _run_torch, "cuda": _run_torch, "onnxruntime": _run_onnxruntime}

@@ -8,7 +8,7 @@ raises :class:`KernelsUnavailable` with the reason; the Python codecs still work
 
     cache_k = KernelCache.allocate(codec, "key", B, Hkv, D, capacity)
     append(cache_k, k_new, lens)                   # encode in place at lens[b]..
-    out = decode_attention(q, cache_k, cache_v, lens)   # q (B, Hq, 1, D) fp16/bf16
+    out = decode_attention(q, cache_k, cache_v, lens)   # q (B, Hq, Tq, D) fp16/bf16
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def _check_lens(lens: torch.Tensor, batch: int, what="lens") -> None:
 
 def num_splits_for(batch: int, kv_heads: int, tokens: int, head_dim: int, sms: int | None = None) -> int:
     """Split-K parts: at most one wave of 4 blocks per multiprocessor (4 fit at 128 registers:
-    a partial second wave would double the time), each at least 8 block iterations of tokens."""
+    a partial second wave would double the time), each at least 8 block iterations of tokens.
+    ``kv_heads``: blocks per sequence and split (kv heads × query row tiles for Tq > 1)."""
     if sms is None:
         sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     per = max(1, (4 * sms) // max(1, batch * kv_heads))
@@ -84,24 +85,34 @@ def num_splits_for(batch: int, kv_heads: int, tokens: int, head_dim: int, sms: i
 def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache, lens: torch.Tensor, *,
                      window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
                      window_lens: torch.Tensor | None = None, scale: float | None = None,
-                     max_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """Softmax attention of one query token per sequence over its packed cache (+ fp16 window).
+                     max_len: int | None = None, num_splits: int | None = None, softcap: float = 0.0,
+                     sliding_window: int = 0) -> torch.Tensor:
+    """Softmax attention of Tq query tokens per sequence over its packed cache (+ fp16 window).
 
-    q (B, Hq, 1, D) or (B, Hq, D) fp16/bf16; lens (B,) int32 packed tokens per sequence;
+    q (B, Hq, Tq, D) or (B, Hq, D) fp16/bf16; lens (B,) int32 packed tokens per sequence;
     window_k/v (B, Hkv, W, D) fp16 newest tokens after the packed ones (window_lens (B,)
-    int32 or all W).  Returns q's shape and dtype; fp32 softmax and accumulation.
-    Equals ``codec.attend(q, packed_k, packed_v, window_k=..., window_v=...)``.
+    int32 or all W).  Key j (packed, then window) sits at position j; query t at
+    lens[b] + window_lens[b] - Tq + t and sees key j iff j <= its position and, with
+    ``sliding_window`` w > 0, j > position - w (transformers' sliding window).  ``softcap`` c > 0
+    caps the scaled score s → c·tanh(s / c) (Gemma 2).  Returns q's shape and dtype; fp32
+    softmax and accumulation.  Without softcap / sliding window equals
+    ``codec.attend(q, packed_k, packed_v, window_k=..., window_v=...)``.
     """
     codec = cache_k.codec
     if cache_v.codec.spec_hash != codec.spec_hash or cache_k.role != "key" or cache_v.role != "value":
         raise ValueError("cache_k / cache_v must be the key and value caches of one codec")
-    squeeze = q.dim() == 4
-    q3 = q[:, :, 0] if squeeze else q
-    if q3.dim() != 3 or q3.dtype not in (torch.float16, torch.bfloat16) or not q3.is_cuda:
-        raise ValueError(f"q must be a CUDA fp16/bf16 (B, Hq, 1, D), got {q.dtype} {tuple(q.shape)}")
-    b, hq, d = q3.shape
-    if q3.stride(2) != 1:
-        q3 = q3.contiguous()
+    three = q.dim() == 3
+    q4 = q.unsqueeze(2) if three else q
+    if q4.dim() != 4 or q4.dtype not in (torch.float16, torch.bfloat16) or not q4.is_cuda:
+        raise ValueError(f"q must be a CUDA fp16/bf16 (B, Hq, Tq, D), got {q.dtype} {tuple(q.shape)}")
+    b, hq, tq, d = q4.shape
+    if q4.stride(3) != 1:
+        q4 = q4.contiguous()
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"decode_attention.softcap must be a finite float >= 0 (0 = off), got {softcap}")
+    if int(sliding_window) != sliding_window or sliding_window < 0:
+        raise ValueError(f"decode_attention.sliding_window must be an int >= 0 (0 = off), got {sliding_window}")
     hkv = cache_k.heads
     if (b, d) != (cache_k.batch, cache_k.head_dim):
         raise ValueError(f"q {tuple(q.shape)} does not match the cache (B={cache_k.batch}, D={cache_k.head_dim})")
@@ -115,15 +126,19 @@ def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache
         if window_lens is not None:
             _check_lens(window_lens, b, "window_lens")
     max_len = cache_k.capacity if max_len is None else max_len
-    splits = num_splits or num_splits_for(b, hkv, max_len + w, d)
-    out = torch.empty((b, hq, d), dtype=q3.dtype, device=q3.device)
-    ws = torch.empty(b * hq * d + b * hq * splits * _WARPS * (d + 4) + extra_workspace_floats(codec, b, hq, d),
-                     dtype=torch.float32, device=q3.device)
+    row_tiles = -(-(hq // max(1, hkv)) * tq // 16)
+    splits = num_splits or num_splits_for(b, hkv * row_tiles, max_len + w, d)
+    out = torch.empty((b, hq, tq, d), dtype=q4.dtype, device=q4.device)
+    rows = b * hq * tq  # query rows: q and the partials per row, then the codec's extra
+    ws = torch.empty(rows * d + rows * splits * _WARPS * (d + 4) + extra_workspace_floats(codec, b, hq * tq, d),
+                     dtype=torch.float32, device=q4.device)
     a = _abi.KvxDecodeArgs()
     a.batch, a.q_heads, a.kv_heads, a.head_dim = b, hq, hkv, d
-    a.q_dtype = _DTYPE[q3.dtype]
-    a.q, a.q_sB, a.q_sH = q3.data_ptr(), q3.stride(0), q3.stride(1)
-    a.out, a.o_sB, a.o_sH = out.data_ptr(), out.stride(0), out.stride(1)
+    a.q_dtype = _DTYPE[q4.dtype]
+    a.q, a.q_sB, a.q_sH, a.q_sT = q4.data_ptr(), q4.stride(0), q4.stride(1), q4.stride(2)
+    a.out, a.o_sB, a.o_sH, a.o_sT = out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)
+    a.q_tokens = tq
+    a.softcap, a.sliding_window = softcap, int(sliding_window)
     a.lens, a.max_len = lens.data_ptr(), max_len
     _fields(cache_k, a.k)
     _fields(cache_v, a.v)
@@ -140,7 +155,7 @@ def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache
     a.num_splits = splits
     a.workspace = ws.data_ptr()
     _call(f"kvx_{codec.name}_decode", a)
-    return out.unsqueeze(2) if squeeze else out
+    return out[:, :, 0] if three else out
 
 
 def append(cache: KernelCache, x: torch.Tensor, lens: torch.Tensor) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_FIELDS = 8
 MAX_CONSTS = 4
 
@@ -29,6 +29,9 @@ class KvxDecodeArgs(C.Structure):
         ("bits", C.c_int32), ("group", C.c_int32), ("value_group", C.c_int32), ("block", C.c_int32),
         ("scale", C.c_float), ("num_splits", C.c_int32),
         ("workspace", C.c_void_p),
+        # ABI 4
+        ("softcap", C.c_float), ("sliding_window", C.c_int32),
+        ("q_tokens", C.c_int32), ("q_sT", C.c_int64), ("o_sT", C.c_int64),
     ]
 
 

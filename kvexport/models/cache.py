@@ -51,6 +51,7 @@ def codec_window(codec: Codec) -> int:
 
 
 COMPRESS = ("kv", "k", "v")
+BACKENDS = ("torch", "cuda")  # where a CompressedKVCache runs its attention (see CompressedKVCache)
 
 
 @dataclasses.dataclass
@@ -228,13 +229,8 @@ class LayerCache:
 def _probs(s: torch.Tensor, scale: float, softcap: float | None, qpos: torch.Tensor,
            kpos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """Scaled, soft-capped, masked softmax (fp32) as transformers' eager attention computes it."""
-    s = s * scale
-    if softcap:
-        s = torch.tanh(s / softcap) * softcap
-    allow = kpos[None, :] <= qpos[:, None]
-    if sliding_window:
-        allow = allow & (kpos[None, :] > qpos[:, None] - sliding_window)
-    s = s.masked_fill(~allow, float("-inf"))
+    s = _att.soft_cap(s * scale, softcap)
+    s = s.masked_fill(~_att.visible(qpos, kpos, True, sliding_window), float("-inf"))
     return torch.softmax(s, dim=-1)
 
 
@@ -255,19 +251,28 @@ class CompressedKVCache:
 
     ``track_cosine``: on a fresh prefill, also compute exact fp32 attention on the
     same q/k/v and accumulate the cosine between the two outputs per layer.
+
+    ``backend``: ``"torch"`` (reference math, :class:`LayerCache`) or ``"cuda"`` (the CUDA
+    kernels, :class:`kvexport.kernels.torch_backend.KernelLayerCache`, same results within
+    ``kvexport.tolerances``; ``capacity`` = tokens preallocated per layer, grown when full).
     """
 
     def __init__(self, plan: LayerPlan, num_layers: int, head_dim: int, *, track_cosine: bool = False,
-                 compute_device: str | torch.device | None = None) -> None:
+                 compute_device: str | torch.device | None = None, backend: str = "torch",
+                 capacity: int | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {'|'.join(BACKENDS)}, got {backend!r}")
         for i in range(num_layers):
             plan.codec(i).check_head_dim(head_dim)
         self.plan = plan
         self.num_layers = num_layers
         self.head_dim = head_dim
-        self.layers = []
-        for i in range(num_layers):
-            kc, vc = plan.role_codecs(i)
-            self.layers.append(LayerCache(kc, codec_window(plan.codec(i)), value_codec=vc))
+        self.backend = backend
+        self.capacity = capacity
+        self.layers = [self._new_layer(i) for i in range(num_layers)]  # unsupported layers fail here
+        if backend == "cuda":
+            from ..kernels.torch_backend import require_kernels
+            require_kernels()
         self.track_cosine = track_cosine
         # Where the cache lives and codec math runs (default: the activations' device).
         self.compute_device = None if compute_device is None else torch.device(compute_device)
@@ -278,9 +283,17 @@ class CompressedKVCache:
     def tokens(self) -> int:
         return self.layers[0].n
 
+    def _new_layer(self, i: int):
+        kc, vc = self.plan.role_codecs(i)
+        if self.backend == "cuda":
+            from ..kernels.torch_backend import KernelLayerCache
+            return KernelLayerCache(kc, codec_window(self.plan.codec(i)), value_codec=vc, layer=i,
+                                    capacity=self.capacity)
+        return LayerCache(kc, codec_window(self.plan.codec(i)), value_codec=vc)
+
     def reset(self) -> None:
         """Drop the cached tokens (keep the fidelity statistics)."""
-        self.layers = [LayerCache(c.codec, c.window, value_codec=c.vcodec) for c in self.layers]
+        self.layers = [self._new_layer(i) for i in range(self.num_layers)]
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)

@@ -78,8 +78,11 @@ def codec_window_of(codec) -> int:
 
 def run_compare(lm: LoadedModel, text: str, text_name: str, cfg: CompareConfig,
                 progress: bool = True, device: str = "cpu",
-                codec_device: str | None = None) -> dict[str, Any]:
-    """Measure the baseline and every spec on the same windows; returns the report dict."""
+                codec_device: str | None = None, backend: str = "torch") -> dict[str, Any]:
+    """Measure the baseline and every spec on the same windows; returns the report dict.
+
+    ``backend="cuda"``: every spec's attention on the CUDA kernels (prefill of half a window,
+    then teacher-forced decode steps; see :func:`kvexport.models.evaluate.evaluate`)."""
     from tqdm.auto import tqdm
     geo = lm.recipe.geometry(lm.model.config)
     plans = build_plans(cfg, geo.layers)
@@ -94,11 +97,12 @@ def run_compare(lm: LoadedModel, text: str, text_name: str, cfg: CompareConfig,
     rows = []
     for label, plan in plans:
         bar.set_postfix_str(label)
-        r = evaluate(lm, label, plan, wins, progress=lambda: bar.update(1), codec_device=codec_device)
+        r = evaluate(lm, label, plan, wins, progress=lambda: bar.update(1), codec_device=codec_device,
+                     backend=backend)
         rows.append(result_row(r, base["ppl"]))
     bar.close()
     from ..envinfo import collect  # versions, GPU: for the record
-    rep = dict(model=lm.name, device=device, codec_device=codec_device or device, text=text_name, windows=int(len(wins)), window_len=cfg.window_len,
+    rep = dict(model=lm.name, device=device, codec_device=codec_device or device, backend=backend, text=text_name, windows=int(len(wins)), window_len=cfg.window_len,
                geometry=dataclasses.asdict(geo), family=lm.recipe.family,
                fp16_window=cfg.fp16_window, layer_overrides=list(cfg.layer_overrides), compress=cfg.compress,
                baseline=dict(ppl=base["ppl"], nll=base["nll"], seconds=base["seconds"], tokens=base["tokens"]),

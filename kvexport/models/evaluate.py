@@ -8,6 +8,12 @@ when decoding token by token: older tokens through the codec, the newest
 of every window.  Attention cosine: per layer, the cosine between the
 compressed-cache attention output and exact fp32 attention on the same q/k/v,
 averaged over heads and positions.
+
+Kernel path (``backend="cuda"``, :mod:`kvexport.kernels.torch_backend`): a window runs as a
+prefill of its first ``decode_from`` tokens (default ``L // 2``), then ``L - decode_from``
+teacher-forced one-token decode steps (token t in, logits for t + 1 out), so the fused
+decode kernel and the append kernel do most of the work; the logits are the same as one
+prefill's on the reference path (prefill equals token-by-token decode).
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ class Result:
     codec_bits_per_coordinate: float
     layer_cosine: list[float]
     compress: str = "kv"  # which half went through the codec (see LayerPlan)
+    backend: str = "torch"  # "torch" (reference math) or "cuda" (the CUDA kernels)
+    decode_from: int | None = None  # prefill length before one-token decode steps (None: one prefill)
 
     @property
     def compression(self) -> float:
@@ -98,31 +106,51 @@ def baseline(lm: LoadedModel, wins: torch.Tensor, progress: Callable[[], None] |
     return dict(ppl=math.exp(nll / n), nll=nll / n, tokens=n, seconds=secs)
 
 
+def run_window(s: CompressedSession, ids: torch.Tensor, decode_from: int | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of ``ids`` (B, T) on a fresh session: one prefill, or a prefill of
+    ``decode_from`` tokens then one teacher-forced decode step per remaining token."""
+    s.reset()
+    if decode_from is None or decode_from >= ids.shape[1]:
+        return s.forward(ids)
+    parts = [s.forward(ids[:, :decode_from])]
+    parts += [s.forward(ids[:, t:t + 1]) for t in range(decode_from, ids.shape[1])]
+    return torch.cat(parts, dim=1)
+
+
 @torch.no_grad()
 def evaluate(lm: LoadedModel, spec: str, plan: LayerPlan, wins: torch.Tensor,
-             progress: Callable[[], None] | None = None, codec_device: str | None = None) -> Result:
-    """Run every window on the compressed cache of ``plan``; see module doc."""
+             progress: Callable[[], None] | None = None, codec_device: str | None = None,
+             backend: str = "torch", decode_from: int | None = None) -> Result:
+    """Run every window on the compressed cache of ``plan``; see module doc.
+
+    ``backend``: "torch" or "cuda" (the CUDA kernels; model and windows on a CUDA device).
+    ``decode_from``: prefill length before teacher-forced one-token decode steps (None: one
+    prefill per window; backend "cuda" defaults to half the window)."""
     codec: Codec = plan.default
     nll, n = 0.0, 0
     geo = lm.recipe.geometry(lm.model.config)
+    L = wins.shape[1]
+    if backend == "cuda" and decode_from is None:
+        decode_from = max(1, L // 2)
+    if decode_from is not None and not 1 <= decode_from <= L:
+        raise ValueError(f"decode_from must be in [1, {L}] (the window length), got {decode_from}")
     with CompressedSession(lm.model, plan, recipe=lm.recipe, track_cosine=True,
-                           compute_device=codec_device) as s:
+                           compute_device=codec_device, backend=backend, capacity=L) as s:
         kv_bytes = 0
         for w in wins:
-            s.reset()
-            logits = s.forward(w[None])
+            logits = run_window(s, w[None], decode_from)
             a, b = _nll(logits, w[None])
             nll, n = nll + a, n + b
             kv_bytes = s.cache.nbytes()
             if progress:
                 progress()
-        L = wins.shape[1]
         fp16_bytes = 2 * 2 * geo.layers * geo.kv_heads * geo.head_dim  # K+V, fp16, per token
         return Result(spec=spec, codec=codec.name, params=codec.spec()["params"], window=codec_window(codec),
                       overrides=plan.describe(), ppl=math.exp(nll / n), nll=nll / n, tokens=n,
                       seconds=s.seconds, kv_bytes_per_token=kv_bytes / L, fp16_bytes_per_token=fp16_bytes,
                       codec_bits_per_coordinate=codec.bits_per_coordinate(geo.head_dim, L),
-                      layer_cosine=s.cache.layer_cosine(), compress=plan.compress)
+                      layer_cosine=s.cache.layer_cosine(), compress=plan.compress, backend=backend,
+                      decode_from=decode_from)
 
 
 def result_row(r: Result, base_ppl: float) -> dict[str, Any]:
@@ -131,5 +159,6 @@ def result_row(r: Result, base_ppl: float) -> dict[str, Any]:
                 attn_cosine=r.attn_cosine, window=r.window, overrides=r.overrides, compress=r.compress,
                 codec_bits_per_coordinate=r.codec_bits_per_coordinate,
                 kv_bytes_per_token=r.kv_bytes_per_token, seconds=r.seconds,
-                ms_per_token=1e3 * r.seconds / max(1, r.tokens), params=r.params,
+                ms_per_token=1e3 * r.seconds / max(1, r.tokens), params=r.params, backend=r.backend,
+                decode_from=r.decode_from,
                 layer_cosine=r.layer_cosine)

@@ -47,16 +47,20 @@ class CompressedSession:
 
     ``forward(ids)`` appends ``ids`` (B, T) to the sequence — the whole prompt
     (prefill) or one token (decode) — and returns fp32 logits (B, T, V).
+    ``backend="cuda"``: attention on the CUDA kernels (model on a CUDA device; see
+    :class:`~kvexport.models.cache.CompressedKVCache`).
     """
 
     def __init__(self, model: Any, plan: LayerPlan, *, recipe: Recipe | None = None,
-                 track_cosine: bool = False, compute_device: str | None = None) -> None:
+                 track_cosine: bool = False, compute_device: str | None = None,
+                 backend: str = "torch", capacity: int | None = None) -> None:
         compat.require_transformers()
         self.model = model
         self.recipe = recipe or recipe_for_config(model.config)
         self.geometry = self.recipe.geometry(model.config)
         self.cache = CompressedKVCache(plan, self.geometry.layers, self.geometry.head_dim,
-                                       track_cosine=track_cosine, compute_device=compute_device)
+                                       track_cosine=track_cosine, compute_device=compute_device,
+                                       backend=backend, capacity=capacity)
         self._saved: str | None = None
         self._routed: list[Any] = []
         self.seconds = 0.0
@@ -95,6 +99,8 @@ class CompressedSession:
         pos = torch.arange(n, n + ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
         t0 = time.perf_counter()
         out = self.model(input_ids=ids, position_ids=pos, use_cache=False)
+        if ids.is_cuda:  # time the kernels, not their launch
+            torch.cuda.synchronize(ids.device)
         self.seconds += time.perf_counter() - t0
         return out.logits.to(torch.float32)
 

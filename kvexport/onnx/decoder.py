@@ -4,9 +4,11 @@
 the kvexport ops through transformers' attention interface:
 
 inputs   ``input_ids`` (batch, sequence) int64, ``position_ids`` (batch, sequence) int64,
-         per layer ``past.<l>.key.<field>`` / ``past.<l>.value.<field>`` (the codec layout)
+         per layer ``past.<l>.key.<field>`` / ``past.<l>.value.<field>`` (the codec layout),
+         each role followed by ``past.<l>.<role>.window`` (B, Hkv, <=W, D) fp16 if the
+         codec's ``window`` W > 0
 outputs  ``logits`` (batch, sequence, vocab) fp32,
-         ``present.<l>.key.<field>`` / ``present.<l>.value.<field>``
+         ``present.<l>.key.<field>`` / ``present.<l>.value.<field>`` (and windows)
 
 One step per layer: new K/V (post-RoPE) are encoded with ``<P>KeyEncode`` /
 ``<P>ValueEncode`` and appended to the past (``Concat`` on the token axis; codecs
@@ -16,6 +18,12 @@ then ``<P>Attention`` attends over the present cache.  The prompt is compressed
 before its own attention, as in ``Codec.attend``.  Sequences are unpadded: no
 attention mask input; query i of a step sits at position past + i.  The same
 module run eagerly (torch ops = codec reference math) is the torch reference.
+
+Per layer the Attention node carries the ``sliding_window`` / ``softcap`` the HF module
+passes (mistral, qwen2, gemma2/3); sliding layers keep every token and only mask, like
+``models.cache``.  A ``scaling`` other than 1/sqrt(D) (Gemma's ``query_pre_attn_scalar``)
+pre-scales q by ``scaling·sqrt(D)``.  With an fp16 window, ``window ++ new`` keeps its
+newest W tokens and the older ones are encoded and appended (:meth:`PackedCacheDecoder._slide`).
 """
 
 from __future__ import annotations
@@ -54,14 +62,16 @@ def _attention(module, query, key, value, attention_mask=None, scaling=None, dro
     route = getattr(module, _ROUTE, None)
     if route is None:
         raise RuntimeError(f"{type(module).__name__} runs {ATTN_NAME} attention outside a PackedCacheDecoder")
-    if sliding_window is not None or softcap is not None:
-        raise ValueError(f"{type(module).__name__} (layer {route.layer}): sliding windows / soft-capping "
-                         "are not exportable with a packed cache yet")
     d = query.shape[-1]
+    if key.shape[-1] != d or value.shape[-1] != d or d != route.owner.head_dim:
+        raise ValueError(f"{type(module).__name__} (layer {route.layer}): q/k/v head dims "
+                         f"{d}/{key.shape[-1]}/{value.shape[-1]} differ from the cache's {route.owner.head_dim}")
     if scaling is not None and not math.isclose(float(scaling), d ** -0.5, rel_tol=1e-6):
-        raise ValueError(f"{type(module).__name__} (layer {route.layer}): attention scaling {scaling} != "
-                         f"1/sqrt(head_dim); the kvexport Attention op uses 1/sqrt(head_dim)")
-    out = route.owner._layer_step(route.layer, query, key, value)
+        # Gemma's query_pre_attn_scalar (or GPT-2's per-layer scaling): pre-scale q so that
+        # the op's fixed 1/sqrt(d) gives scaling·q·k.
+        query = query * (float(scaling) * math.sqrt(d))
+    out = route.owner._layer_step(route.layer, query, key, value, softcap=float(softcap or 0.0),
+                                  sliding_window=int(sliding_window or 0))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -77,27 +87,36 @@ class PackedCacheDecoder(torch.nn.Module):
         geo = self.recipe.geometry(model.config)
         self.layers, self.kv_heads, self.head_dim = geo.layers, geo.kv_heads, geo.head_dim
         codec.check_head_dim(self.head_dim)
-        if getattr(codec.params, "window", 0):
-            raise ValueError(f"{codec.name}.window must be 0 for export (the fp16 window is not exported yet)")
+        for m in model.modules():
+            if getattr(m, "is_cross_attention", False):
+                raise ValueError(f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}): cross-attention "
+                                 "is not exportable with a packed cache (decoder-only self-attention only)")
+        self.window = int(getattr(codec.params, "window", 0) or 0)
         self.specs = _specs(codec.name)
         self.attrs = {k: (list(v) if isinstance(v, tuple) else v)
                       for k, v in dataclasses.asdict(codec.params).items() if v is not None}
         self.fields = {r: [f.name for f in codec.layout(self.head_dim, 1, r)] for r in ("key", "value")}
+        # per layer and role: the packed fields, then the fp16 window when the codec has one
+        self.entries = {r: self.fields[r] + (["window"] if self.window else []) for r in ("key", "value")}
+        if self.window and any("window" in f for f in self.fields.values()):
+            raise ValueError(f"{codec.name}: a packed field named 'window' clashes with the fp16 window input")
         self._past: list[torch.Tensor] = []
         self._present: list[torch.Tensor] = []
         torch_ops.register_all()
 
     # ----- names and empty caches ---------------------------------------------
     def cache_names(self, prefix: str) -> list[str]:
-        return [f"{prefix}.{l}.{r}.{f}" for l in range(self.layers) for r in ("key", "value") for f in self.fields[r]]
+        return [f"{prefix}.{l}.{r}.{f}" for l in range(self.layers) for r in ("key", "value") for f in self.entries[r]]
 
     def empty_past(self, batch: int, dtype=torch.float32) -> list[torch.Tensor]:
-        """The past of a fresh sequence: every field with 0 tokens."""
+        """The past of a fresh sequence: every field (and window) with 0 tokens."""
         out = []
         for _ in range(self.layers):
             for r in ("key", "value"):
                 for f in self.codec.layout(self.head_dim, 0, r):
                     out.append(torch.zeros((batch, self.kv_heads, *f.shape), dtype=f.dtype))
+                if self.window:
+                    out.append(torch.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=torch.float16))
         return out
 
     # ----- one layer ------------------------------------------------------------
@@ -108,23 +127,41 @@ class PackedCacheDecoder(torch.nn.Module):
         new = dict(zip(self.fields[role], torch_ops.op(spec.name)(x, **self.attrs)))
         return {f: new[f] if f == "residual" else torch.cat([past[f], new[f]], dim=2) for f in self.fields[role]}
 
-    def _layer_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        n_k, n_v = len(self.fields["key"]), len(self.fields["value"])
+    def _slide(self, role: str, past: dict[str, torch.Tensor], x: torch.Tensor):
+        """fp16 window of W tokens (``models.cache.LayerCache``): ``window ++ new`` keeps its newest
+        W tokens; the older ones (0 or more, in order) are encoded and appended to the packed fields.
+        Returns (packed fields, window (B, Hkv, <=W, D) fp16)."""
+        w = self.window
+        win = torch.cat([past["window"], x.to(torch.float16)], dim=2)
+        # Python slices clamp like ONNX Slice: no overflow while the window is not full
+        over, keep = win[:, :, :-w], win[:, :, -w:]
+        packed = self._append(role, {f: past[f] for f in self.fields[role]}, over.to(x.dtype))
+        return packed, keep
+
+    def _layer_step(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                    softcap: float = 0.0, sliding_window: int = 0) -> torch.Tensor:
+        n_k, n_v = len(self.entries["key"]), len(self.entries["value"])
         base = layer * (n_k + n_v)
-        pk = dict(zip(self.fields["key"], self._past[base:base + n_k]))
-        pv = dict(zip(self.fields["value"], self._past[base + n_k:base + n_k + n_v]))
-        ck, cv = self._append("key", pk, k), self._append("value", pv, v)
-        self._present[base:base + n_k + n_v] = [ck[f] for f in self.fields["key"]] + [cv[f] for f in self.fields["value"]]
+        pk = dict(zip(self.entries["key"], self._past[base:base + n_k]))
+        pv = dict(zip(self.entries["value"], self._past[base + n_k:base + n_k + n_v]))
+        if self.window:
+            (ck, wk), (cv, wv) = self._slide("key", pk, k), self._slide("value", pv, v)
+            ck, cv = {**ck, "window": wk}, {**cv, "window": wv}
+        else:
+            ck, cv = self._append("key", pk, k), self._append("value", pv, v)
+        self._present[base:base + n_k + n_v] = [ck[f] for f in self.entries["key"]] + [cv[f] for f in self.entries["value"]]
         att = self.specs["attention"]
-        return torch_ops.op(att.name)(q, *ck.values(), *cv.values(), **self.attrs, causal=True)
+        window = (ck["window"], cv["window"]) if self.window else ()
+        return torch_ops.op(att.name)(q, *[ck[f] for f in self.fields["key"]], *[cv[f] for f in self.fields["value"]],
+                                      *window, **self.attrs, causal=True, softcap=softcap,
+                                      sliding_window=sliding_window)
 
     @contextlib.contextmanager
     def _routed(self):
         from ..models import compat
         compat.attention_interface().register(ATTN_NAME, _attention)
         mods = [m for m in self.model.modules()
-                if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")
-                and not getattr(m, "is_cross_attention", False)]
+                if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
         if len(mods) != self.layers:
             raise ValueError(f"found {len(mods)} attention modules in {type(self.model).__name__}, "
                              f"expected {self.layers}: cannot route them to kvexport ops")

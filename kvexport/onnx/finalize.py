@@ -7,8 +7,9 @@ translation table (or were made by hand with :func:`make_node`) and
    codebooks, sketches) as inputs ``c_<name>`` fed by fp32 initializers named
    ``kvexport.<codec>.<spec hash>.d<head_dim>.<name>`` (shared by all nodes),
 2. attaches one model-local function per kvexport op type (``model.functions``;
-   attaching after export keeps the exporter from inlining them),
-3. imports domain ``kvexport`` at the ops' version, pins IR version 10 and runs
+   attaching after export keeps the exporter from inlining them); nodes of one op
+   type must agree on every attribute but ``softcap`` / ``sliding_window``,
+3. imports domain ``kvexport`` at the newest of the ops' versions, pins IR version 10 and runs
    ``onnx.checker.check_model(full_check=True)``.
 """
 
@@ -26,6 +27,8 @@ from ..ops.registry import DOMAIN, OpSpec, all_ops
 from .functions import build_function
 from .schemas import register_schemas
 from .translation import node_attributes
+
+PER_NODE_ATTRS = ("softcap", "sliding_window")
 
 
 def _attr_dict(node: onnx.NodeProto) -> dict[str, Any]:
@@ -91,7 +94,9 @@ def finalize(model: onnx.ModelProto, *, head_dim: int | None = None, check: bool
         core += [""] * (n_core - len(core))
         del node.input[:]
         node.input.extend(core + names)
-        key = (tuple(sorted((k, str(v)) for k, v in attrs.items())), int(d), window, tuple(consts))
+        # per-node attributes (read by the function through attribute references) may differ
+        fixed = {k: v for k, v in attrs.items() if k not in PER_NODE_ATTRS}
+        key = (tuple(sorted((k, str(v)) for k, v in fixed.items())), int(d), window, tuple(consts))
         if node.op_type in seen:
             if seen[node.op_type] != key:
                 raise ValueError(f"{node.op_type}: nodes of one model must share attributes, head_dim and "
@@ -105,10 +110,8 @@ def finalize(model: onnx.ModelProto, *, head_dim: int | None = None, check: bool
         if (f.domain, f.name) in existing:
             raise ValueError(f"model already has a function {f.domain}::{f.name}")
         model.functions.append(f)
-    versions = {specs[n].version for n in seen}
-    if len(versions) > 1:
-        raise ValueError(f"kvexport ops of mixed versions {sorted(versions)} in one model")
-    _set_opset(model, DOMAIN, versions.pop() if versions else 1)
+    # one domain import: the newest op version (an op of an older since_version stays valid)
+    _set_opset(model, DOMAIN, max((specs[n].version for n in seen), default=1))
     _set_opset(model, "", None)
     model.ir_version = IR_VERSION
     if check:

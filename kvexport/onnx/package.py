@@ -1,11 +1,8 @@
 """Write an exported decoder directory: ``model.onnx`` (+ external data), ``config.json``,
-and optionally verify it against torch with a greedy decode loop (``report.json``).
-
-Verification passes when, at every step, either the packed codes of torch and onnxruntime
-are identical and the logits agree within ``tolerance(codec, "end-to-end")``, or the first
-layer whose codes differ differs in at most ``tolerance(codec, "codes")`` of its code bytes
-(a value at a quantization boundary; the logits then legitimately move by a code step).
-Token agreement is reported, not required."""
+and optionally verify it against torch with a greedy decode loop (``report.json``, written by
+:func:`~.agreement.agreement`, which also states the pass rule).  ``kvexport export --verify``
+and ``kvexport compare --backend onnxruntime`` share :func:`export_decoder_files` and
+:func:`verify_dir`."""
 
 from __future__ import annotations
 
@@ -15,12 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
 from .. import __version__
-from ..tolerances import tolerance
 from . import IR_VERSION
 
 DEFAULT_PROMPT = "The history of the city begins in the twelfth century, when"
@@ -34,14 +29,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_to_dir(model_spec: str, codec, out: Path, *, verify_steps: int = 0,
-                  prompt: str = DEFAULT_PROMPT) -> dict[str, Any]:
-    """Export ``model_spec`` with ``codec`` into the (existing, empty) directory ``out``."""
-    from ..models.loading import load_model
-    from .decoder import PackedCacheDecoder, compare_steps, export_decoder
-    from .opmodels import session
-
-    lm = load_model(model_spec)
+def export_decoder_files(lm, codec, out: Path, model_spec: str) -> tuple[Any, dict[str, Any]]:
+    """Export the loaded model ``lm`` with ``codec`` into the (existing, empty) directory ``out``:
+    ``model.onnx`` + ``model.onnx.data`` (full-checked) and ``config.json``.  Returns
+    (the :class:`~.decoder.PackedCacheDecoder`, the config dict)."""
+    from .decoder import PackedCacheDecoder, export_decoder
+    from ..ops.registry import get_op
     try:
         dec = PackedCacheDecoder(lm.model, codec, lm.recipe)
     except ValueError as e:
@@ -60,7 +53,6 @@ def export_to_dir(model_spec: str, codec, out: Path, *, verify_steps: int = 0,
     onnx.checker.check_model(str(path), full_check=True)
     files = {p.name: dict(bytes=p.stat().st_size, sha256=_sha256(p)) for p in sorted(out.iterdir())}
     ops = sorted({(n.op_type, n.domain) for n in model.graph.node if n.domain == "kvexport"})
-    from ..ops.registry import get_op
     config = dict(
         kvexport_version=__version__, model=lm.name, model_spec=model_spec,
         model_type=getattr(lm.model.config, "model_type", None),
@@ -74,31 +66,28 @@ def export_to_dir(model_spec: str, codec, out: Path, *, verify_steps: int = 0,
         versions=dict(torch=torch.__version__, onnx=onnx.__version__),
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dec, config
+
+
+def verify_dir(out: Path, dec, prompt: torch.Tensor, steps: int) -> dict[str, Any]:
+    """onnxruntime on ``out/model.onnx`` vs the torch decoder ``dec`` over a greedy decode of
+    ``steps`` tokens after ``prompt`` (B, P) (:func:`~.agreement.agreement`)."""
+    from .agreement import agreement
+    from .opmodels import session
+    return agreement(session(onnx.load(str(out / "model.onnx"))), dec, prompt, steps)
+
+
+def export_to_dir(model_spec: str, codec, out: Path, *, verify_steps: int = 0,
+                  prompt: str = DEFAULT_PROMPT) -> dict[str, Any]:
+    """Export ``model_spec`` with ``codec`` into the (existing, empty) directory ``out``; with
+    ``verify_steps``, also the agreement report ``report.json`` (see the module doc)."""
+    from ..models.loading import load_model
+    lm = load_model(model_spec)
+    dec, config = export_decoder_files(lm, codec, out, model_spec)
     result = dict(config=config)
     if verify_steps:
         ids = lm.encode(prompt) if lm.tokenizer is not None else torch.arange(12).unsqueeze(0)
-        sess = session(onnx.load(str(path)))
-        cmp = compare_steps(sess, dec, ids, verify_steps)
-        tol = tolerance(codec.name, "end-to-end", "float32")
-        code_tol = tolerance(codec.name, "codes", "float32").atol
-        clean = [r for r in cmp["steps"] if r["first_code_mismatch"] is None]
-        flips = [r["first_code_mismatch"] for r in cmp["steps"] if r["first_code_mismatch"] is not None]
-        errs = [r["err"] for r in cmp["steps"]]
-        ok = all(np.all(r["err"] <= tol.atol + tol.rtol * np.abs(r["logits"])) for r in clean) \
-            and all(f["fraction"] <= code_tol for f in flips)
-        tt, ot = cmp["torch_tokens"], cmp["ort_tokens"]
-        first_div = next((i for i in range(verify_steps) if (tt[:, i] != ot[:, i]).any()), None)
-        e = np.concatenate([x.ravel() for x in errs])
-        e_clean = np.concatenate([r["err"].ravel() for r in clean]) if clean else np.zeros(1)
-        report = dict(steps=verify_steps, prompt_tokens=int(ids.shape[1]),
-                      token_agreement=cmp["token_agreement"], first_divergence=first_div,
-                      logit_error=dict(max=float(e.max()), mean=float(e.mean()), median=float(np.median(e))),
-                      logit_error_steps_with_equal_codes=dict(max=float(e_clean.max()), steps=len(clean)),
-                      code_mismatch_steps=len(flips),
-                      first_layer_code_mismatch=dict(max=max((f["fraction"] for f in flips), default=0.0),
-                                                     tolerance=code_tol),
-                      tolerance=dict(atol=tol.atol, rtol=tol.rtol), within_tolerance=bool(ok),
-                      torch_tokens=tt.tolist(), ort_tokens=ot.tolist())
+        report = verify_dir(out, dec, ids, verify_steps)
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         result["report"] = report
     return result

@@ -61,6 +61,19 @@ def attrs_from_params(params_cls: type) -> tuple[AttrSpec, ...]:
                  for r in describe(params_cls))
 
 
+# Attributes of every Attention op beyond the codec parameters (not codec parameters:
+# ``codec_from_attrs`` drops them).  Semantics in ``kvexport.codecs._core.attention``.
+ATTENTION_ATTRS = (
+    AttrSpec("causal", "bool", True, "0 or 1", "causal mask over absolute positions"),
+    AttrSpec("softcap", "float", 0.0, ">= 0 (0 = off)",
+             "logit soft-capping of the scaled score: s = softcap*tanh(s/softcap) (Gemma 2)"),
+    AttrSpec("sliding_window", "int", 0, ">= 0 (0 = off)",
+             "query at position p sees key j only if j > p - sliding_window"),
+)
+# Attention ops are one version ahead of the encode ops: version 2 added softcap / sliding_window.
+ATTENTION_VERSION_BUMP = 1
+
+
 def standard_ops(codec_cls: type, prefix: str, version: int = 1) -> list[OpSpec]:
     """The three ops every codec has: ``<prefix>KeyEncode``, ``<prefix>ValueEncode``
     and ``<prefix>Attention``.
@@ -86,13 +99,14 @@ def standard_ops(codec_cls: type, prefix: str, version: int = 1) -> list[OpSpec]
     wk = TensorSpec("window_k", "float16", ("batch", "kv_heads", "window", "head_dim"), True)
     wv = TensorSpec("window_v", "float16", ("batch", "kv_heads", "window", "head_dim"), True)
     out = TensorSpec("out", "float", ("batch", "q_heads", "q_tokens", "head_dim"))
-    causal = AttrSpec("causal", "bool", True, "0 or 1", "causal mask over absolute positions")
-    specs.append(OpSpec(f"{prefix}Attention", codec_cls.name, version,
+    specs.append(OpSpec(f"{prefix}Attention", codec_cls.name, version + ATTENTION_VERSION_BUMP,
                         (q, *[_prefixed(f, "k_") for f in fields["key"]],
                          *[_prefixed(f, "v_") for f in fields["value"]], wk, wv),
-                        (out,), attrs + (causal,),
+                        (out,), attrs + ATTENTION_ATTRS,
                         f"Softmax attention over a {codec_cls.name} packed cache (+ optional fp16 window); "
-                        "query i sits at position (cache + window tokens) - q_tokens + i.",
+                        "query i sits at position p = (cache + window tokens) - q_tokens + i and sees key j "
+                        "iff j <= p (causal) and j > p - sliding_window (if > 0); scores are "
+                        "softcap·tanh(q·k/(√D·softcap)) if softcap > 0.",
                         kind="attention", constants=consts))
     return specs
 

@@ -1,10 +1,10 @@
 """torch.library custom ops ``kvexport::<Name>`` generated from the op registry.
 
 Every :class:`~kvexport.ops.registry.OpSpec` becomes one op whose schema lists
-its tensors positionally and the codec parameters (plus ``causal`` for
-attention) as keyword-only attributes.  The eager kernel calls the codec's
-reference math; the fake kernel derives output shapes from ``Codec.layout`` so
-``torch.export`` traces the ops with symbolic token counts.
+its tensors positionally and the codec parameters (plus ``causal``, ``softcap``
+and ``sliding_window`` for attention) as keyword-only attributes.  The eager
+kernel calls the codec's reference math; the fake kernel derives output shapes
+from ``Codec.layout`` so ``torch.export`` traces the ops with symbolic token counts.
 
     >>> from kvexport.ops import torch_ops
     >>> torch_ops.register_all()
@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .registry import DOMAIN, AttrSpec, OpSpec, all_ops
+from .registry import ATTENTION_ATTRS, DOMAIN, AttrSpec, OpSpec, all_ops
 
 _LIB: torch.library.Library | None = None
 _REGISTERED: dict[str, OpSpec] = {}
@@ -49,10 +49,10 @@ def schema_string(spec: OpSpec) -> str:
 
 
 def codec_from_attrs(spec: OpSpec, attrs: dict[str, Any]):
-    """The codec object an op node stands for (attributes = codec params, ``causal`` aside)."""
+    """The codec object an op node stands for (attributes = codec params; ``ATTENTION_ATTRS`` aside)."""
     from .. import codecs
     cls = codecs.codec_class(spec.codec)
-    names = {a.name for a in spec.attrs} - {"causal"}
+    names = {a.name for a in spec.attrs} - {a.name for a in ATTENTION_ATTRS}
     params = {k: (tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()
               if k in names and v is not None}
     return _codec_cached(cls, tuple(sorted(params.items())))
@@ -114,7 +114,8 @@ def _make_impl(spec: OpSpec) -> Callable:
         pk = packed_from_fields(c, "key", {n[2:]: tensors[n] for n in _field_names(spec, "k_")}, d, q.dtype)
         pv = packed_from_fields(c, "value", {n[2:]: tensors[n] for n in _field_names(spec, "v_")}, d, q.dtype)
         return c.attend(q, pk, pv, window_k=tensors["window_k"], window_v=tensors["window_v"],
-                        causal=bool(attrs["causal"])).contiguous()
+                        causal=bool(attrs["causal"]), softcap=float(attrs["softcap"]),
+                        sliding_window=int(attrs["sliding_window"])).contiguous()
     return attn
 
 

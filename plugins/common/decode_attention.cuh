@@ -1,14 +1,16 @@
 // Fused split-K decode attention on a packed KV cache, generic over the codec,
 // on tensor cores (mma.sync m16n8k16, fp16 operands, fp32 accumulation).
 //
-// One query token per sequence.  Block (split, kv head, batch) owns a token range;
-// its 4 warps work independently on 16-token subtiles (warp w takes subtiles
-// w, w + 4, ...): the codec's reader dequantizes the subtile's packed keys and
-// values into a warp-private fp16 tile in shared memory (score domain: rotated for
-// turbo / fibquant), then S = Q Kᵀ (the G query heads of the kv head padded to the
-// 16 rows of the MMA, q scaled by its max |q| into fp16) and O += P V run on the
-// tensor cores with an online softmax in fp32 registers (FlashAttention-2 layout:
-// the score accumulators are the A operand of P V).  Every warp writes its own
+// Tq query tokens per sequence (a.q_tokens; 1 = decode).  The G·Tq query rows of a kv head
+// (token-major: row r = t·G + g) are cut into tiles of 16, the rows of the MMA.  Block
+// (split, kv head × row tile, batch) owns a token range; its 4 warps work independently on
+// 16-token subtiles (warp w takes subtiles w, w + 4, ...): the codec's reader dequantizes
+// the subtile's packed keys and values into a warp-private fp16 tile in shared memory
+// (score domain: rotated for turbo / fibquant), then S = Q Kᵀ (q scaled by its max |q|
+// into fp16) and O += P V run on the tensor cores with an online softmax in fp32 registers
+// (FlashAttention-2 layout: the score accumulators are the A operand of P V).  Causal and
+// sliding-window masks and the soft cap are applied at the score (kvxScore); subtiles
+// wholly outside the tile's visible key range are skipped.  Every warp writes its own
 // partial (m, l, acc); kvxCombine merges splits × warps and rotates back.
 //
 // A reader R provides:
@@ -22,6 +24,7 @@
 #ifndef KVX_DECODE_ATTENTION_CUH
 #define KVX_DECODE_ATTENTION_CUH
 
+#include <cmath>
 #include <type_traits>
 
 #include "kvx_common.cuh"
@@ -37,18 +40,44 @@ struct TileCfg {
   static constexpr int kLDH = D + 8;  // fp16 row stride: 16-byte rows, conflict-free ldmatrix
 };
 
-// Workspace: q in the score domain (B, Hq, D), then partials (B, Hq, splits · kWARPS, D + 4):
-// acc (D), m, l, 2 pad floats so every partial row stays 16-byte aligned.
-inline size_t decodeWorkspaceFloats(int B, int Hq, int D, int splits) {
-  return (size_t)B * Hq * D + (size_t)B * Hq * splits * kWARPS * (D + 4);
+// Query tokens per sequence (ABI 4; a zero-initialised field of an older caller means 1).
+__host__ __device__ __forceinline__ int qTokens(const KvxDecodeArgs& a) { return a.q_tokens > 0 ? a.q_tokens : 1; }
+
+// Row tiles of 16 query rows per kv head: G heads × Tq tokens.
+__host__ __device__ __forceinline__ int rowTiles(const KvxDecodeArgs& a) {
+  return ceilDiv(a.q_heads / a.kv_heads * qTokens(a), 16);
 }
 
-// q (fp16/bf16) -> fp32 in the score domain: q Πᵀ when rotated.  Grid (B, Hq), block D.
+// The score site of every split kernel.  v: score of key position j for the query at
+// position p, scaled and in the log2 domain (v = log2(e)·scale·<q, k>).  Returns -inf where
+// the key is masked (causal: j > p; sliding window w > 0: j <= p - w), else the soft-capped
+// score cap·tanh(s / cap) (Gemma 2) in the log2 domain (capL2 = cap·log2 e, 0 = off).
+__device__ __forceinline__ float kvxScore(float v, int j, int p, float capL2, int window) {
+  if (j > p || (window > 0 && j <= p - window)) return -INFINITY;
+  return capL2 > 0.f ? capL2 * tanhf(v / capL2) : v;
+}
+
+// Keys [lo, hi) that any query row in [r0, r0 + 16) can see; query row r = t·G + g sits at
+// position total - Tq + t.
+__device__ __forceinline__ void visibleKeys(const KvxDecodeArgs& a, int G, int r0, int total, int& lo, int& hi) {
+  const int Tq = qTokens(a), rows = G * Tq;
+  const int pLo = total - Tq + r0 / G, pHi = total - Tq + (min(rows, r0 + 16) - 1) / G;
+  lo = a.sliding_window > 0 ? max(0, pLo - a.sliding_window + 1) : 0;
+  hi = min(total, pHi + 1);
+}
+
+// Workspace: q in the score domain (B, Hq, Tq, D), then partials (B, Hq, Tq, splits · kWARPS,
+// D + 4): acc (D), m, l, 2 pad floats so every partial row stays 16-byte aligned.
+inline size_t decodeWorkspaceFloats(int B, int Hq, int D, int splits, int Tq = 1) {
+  return (size_t)B * Hq * Tq * D + (size_t)B * Hq * Tq * splits * kWARPS * (D + 4);
+}
+
+// q (fp16/bf16) -> fp32 in the score domain: q Πᵀ when rotated.  Grid (B, Hq, Tq), block D.
 template <int D>
 __global__ void kvxQPrologue(const KvxDecodeArgs a, bool rotated) {
   __shared__ float qs[D];
-  const int b = blockIdx.x, hq = blockIdx.y, i = threadIdx.x;
-  qs[i] = loadAct(a.q, b * a.q_sB + hq * a.q_sH + i, a.q_dtype);
+  const int b = blockIdx.x, hq = blockIdx.y, t = blockIdx.z, i = threadIdx.x;
+  qs[i] = loadAct(a.q, b * a.q_sB + hq * a.q_sH + t * a.q_sT + i, a.q_dtype);
   __syncthreads();
   float r = qs[i];
   if (rotated) {
@@ -57,7 +86,7 @@ __global__ void kvxQPrologue(const KvxDecodeArgs a, bool rotated) {
 #pragma unroll 8
     for (int j = 0; j < D; ++j) r = fmaf(pi[j], qs[j], r);
   }
-  a.workspace[((size_t)b * a.q_heads + hq) * D + i] = r;
+  a.workspace[(((size_t)b * a.q_heads + hq) * gridDim.z + t) * D + i] = r;
 }
 
 // One warp: fp16 window rows w0..w0+n-1 (rotated into the score domain) -> tile rows.
@@ -104,6 +133,25 @@ __device__ __forceinline__ uint32_t packHalf2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// Online-softmax step of one subtile (log2 domain): row maxima mx0 / mx1 of the masked scores
+// s -> new running maxima m0 / m1 (n0 / n1), rescale factors c0 / c1 of the old state, and
+// p = 2^(s - n).  A row with no visible key so far keeps m = -inf, p = 0, c = 0 (no NaN).
+__device__ __forceinline__ void softmaxStep(const float (&s)[2][4], float mx0, float mx1, float& m0, float& m1,
+                                            float& n0, float& n1, float& c0, float& c1, float (&p)[2][4]) {
+  n0 = fmaxf(m0, mx0);
+  n1 = fmaxf(m1, mx1);
+  const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
+  c0 = exp2f(m0 - b0);  // 0 on the first subtile
+  c1 = exp2f(m1 - b1);
+  m0 = n0;
+  m1 = n1;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    p[j][0] = exp2f(s[j][0] - b0); p[j][1] = exp2f(s[j][1] - b0);
+    p[j][2] = exp2f(s[j][2] - b1); p[j][3] = exp2f(s[j][3] - b1);
+  }
+}
+
 template <class KR, class VR>
 struct TabCfg {
   static constexpr bool kShare = std::is_same<KR, VR>::value;  // same reader: one table
@@ -120,24 +168,31 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
   __half* qs = reinterpret_cast<__half*>(smemRaw);                 // (16, LDH) q / amax
   __half* tiles = qs + 16 * LDH;                                   // per warp: K (16, LDH), V (16, LDH)
   float* qscale = reinterpret_cast<float*>(tiles + kWARPS * 2 * kSUB * LDH);  // (16,)
-  uint32_t* ktab = reinterpret_cast<uint32_t*>(qscale + 16);
+  int* qpos = reinterpret_cast<int*>(qscale + 16);                            // (16,) row positions
+  uint32_t* ktab = reinterpret_cast<uint32_t*>(qpos + 16);
   uint32_t* vtab = TC::kShare ? ktab : ktab + TC::kK;
 
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
-  const int lane = tid & 31, warp = tid >> 5;
-  const int G = a.q_heads / a.kv_heads;
+  const int nRT = rowTiles(a);
+  const int split = blockIdx.x, h = blockIdx.y / nRT, r0 = (blockIdx.y % nRT) * 16, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G = a.q_heads / a.kv_heads, Tq = qTokens(a), rows = G * Tq;
   const int len = a.lens[b];
   const int wl = a.win_k ? (a.win_lens ? a.win_lens[b] : a.win_max) : 0;
   const int total = len + wl;
   const int chunk = ceilDiv(ceilDiv(a.max_len + a.win_max, a.num_splits), kBLOCK_TOKENS) * kBLOCK_TOKENS;
-  const int tBegin = split * chunk, tEnd = min(total, tBegin + chunk);
+  const int tBegin = split * chunk;
+  int kLo, kHi;
+  visibleKeys(a, G, r0, total, kLo, kHi);
+  const int tLo = max(tBegin, kLo), tEnd = min(min(total, tBegin + chunk), kHi);
   const int nParts = a.num_splits * kWARPS;
-  float* part = a.workspace + (size_t)a.batch * a.q_heads * D;
-  auto partAt = [&](int g, int w) {
-    return part + (((size_t)b * a.q_heads + h * G + g) * nParts + split * kWARPS + w) * (D + 4);
+  float* part = a.workspace + (size_t)a.batch * a.q_heads * Tq * D;
+  auto partAt = [&](int r, int w) {  // tile row r = (query token, head)
+    const int R = r0 + r;
+    return part + ((((size_t)b * a.q_heads + h * G + R % G) * Tq + R / G) * nParts + split * kWARPS + w) * (D + 4);
   };
-  if (tBegin >= tEnd) {  // empty split: l = 0 tells the combine to skip it
-    for (int u = tid; u < G * kWARPS; u += blockDim.x) {
+  if (tLo >= tEnd) {  // empty split: l = 0 tells the combine to skip it
+    for (int u = tid; u < 16 * kWARPS; u += blockDim.x) {
+      if (r0 + u / kWARPS >= rows) continue;
       float* p = partAt(u / kWARPS, u % kWARPS);
       p[D] = -INFINITY;
       p[D + 1] = 0.f;
@@ -145,23 +200,29 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
     return;
   }
 
-  // q of the G heads (rows >= G zero), scaled by 1 / max|q| into fp16; the scale goes to the scores.
-  const float* qw = a.workspace + ((size_t)b * a.q_heads + h * G) * D;
+  // q of the tile's rows (rows past G·Tq zero), scaled by 1 / max|q| into fp16; the scale goes
+  // to the scores.
   const float sl2 = a.scale * kLOG2E;
-  for (int g = warp; g < 16; g += kWARPS) {
+  for (int r = warp; r < 16; r += kWARPS) {
+    const int R = r0 + r;
+    const bool valid = R < rows;
+    const float* qw = a.workspace + (((size_t)b * a.q_heads + h * G + (valid ? R % G : 0)) * Tq + R / G) * D;
     float mx = 0.f;
-    if (g < G)
-      for (int i = lane; i < D; i += 32) mx = fmaxf(mx, fabsf(qw[g * D + i]));
+    if (valid)
+      for (int i = lane; i < D; i += 32) mx = fmaxf(mx, fabsf(qw[i]));
     mx = warpMax(mx);
     const float inv = mx > 0.f ? 1.f / mx : 0.f;
-    for (int i = lane; i < D; i += 32) qs[g * LDH + i] = __float2half_rn(g < G ? qw[g * D + i] * inv : 0.f);
-    if (lane == 0) qscale[g] = mx * sl2;
+    for (int i = lane; i < D; i += 32) qs[r * LDH + i] = __float2half_rn(valid ? qw[i] * inv : 0.f);
+    if (lane == 0) {
+      qscale[r] = mx * sl2;
+      qpos[r] = total - Tq + R / G;  // padding rows: past the end, see everything
+    }
   }
   KR::prepare(a, ktab);
   if constexpr (!TC::kShare) VR::prepare(a, vtab);
   __syncthreads();
 
-  const int gr = lane >> 2, qd = lane & 3;  // MMA fragment row (head) and column pair
+  const int gr = lane >> 2, qd = lane & 3;  // MMA fragment row and column pair
   const float sc0 = qscale[gr], sc1 = qscale[gr + 8];
   __half* kt = tiles + warp * 2 * kSUB * LDH;
   __half* vt = kt + kSUB * LDH;
@@ -171,7 +232,8 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
   bool any = false;
 
-  for (int t0 = tBegin + warp * kSUB; t0 < tEnd; t0 += kBLOCK_TOKENS) {
+  // Subtiles stay on the 16-token grid of the split; those before the first visible key are skipped.
+  for (int t0 = tBegin + (tLo - tBegin) / kSUB * kSUB + warp * kSUB; t0 < tEnd; t0 += kBLOCK_TOKENS) {
     any = true;
     const int n = min(kSUB, tEnd - t0);
     const int np = max(0, min(n, len - t0));  // packed rows of this subtile, then window rows
@@ -216,7 +278,10 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int tok = 8 * j + 2 * qd + (e & 1);
-        const float v = tok < n ? s[j][e] * (e < 2 ? sc0 : sc1) : -INFINITY;
+        // Row positions re-read from shared memory (not held in registers across the loop).
+        const float v = tok < n ? kvxScore(s[j][e] * (e < 2 ? sc0 : sc1), t0 + tok, qpos[e < 2 ? gr : gr + 8],
+                                           a.softcap * kLOG2E, a.sliding_window)
+                                : -INFINITY;
         s[j][e] = v;
         if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
       }
@@ -225,16 +290,8 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
     }
-    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: n >= 1 valid token
-    const float c0 = exp2f(m0 - n0), c1 = exp2f(m1 - n1);  // 0 on the first subtile
-    m0 = n0;
-    m1 = n1;
-    float p[2][4];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      p[j][0] = exp2f(s[j][0] - n0); p[j][1] = exp2f(s[j][1] - n0);
-      p[j][2] = exp2f(s[j][2] - n1); p[j][3] = exp2f(s[j][3] - n1);
-    }
+    float n0, n1, c0, c1, p[2][4];
+    softmaxStep(s, mx0, mx1, m0, m1, n0, n1, c0, c1, p);
     l0 = l0 * c0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
     l1 = l1 * c1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
     uint32_t pa[4] = {packHalf2(p[0][0], p[0][1]), packHalf2(p[0][2], p[0][3]),
@@ -260,13 +317,13 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
   l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  if (gr < G) {
+  if (r0 + gr < rows) {
     float* p0 = partAt(gr, warp);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p0 + 8 * i + 2 * qd) = make_float2(o[i][0], o[i][1]);
     if (qd == 0) { p0[D] = any ? m0 : -INFINITY; p0[D + 1] = any ? l0 : 0.f; }
   }
-  if (gr + 8 < G) {
+  if (r0 + gr + 8 < rows) {
     float* p1 = partAt(gr + 8, warp);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p1 + 8 * i + 2 * qd) = make_float2(o[i][2], o[i][3]);
@@ -274,15 +331,15 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
   }
 }
 
-// Merge the partials (splits × warps) of one (b, q head) and rotate back (out = acc Π).
-// Grid (B, Hq), block D.
+// Merge the partials (splits × warps) of one (b, q head, query token) and rotate back
+// (out = acc Π).  Grid (B, Hq, Tq), block D.
 template <int D>
 __global__ void kvxCombine(const KvxDecodeArgs a, bool rotated) {
   __shared__ float accs[D];
-  const int b = blockIdx.x, hq = blockIdx.y, i = threadIdx.x;
+  const int b = blockIdx.x, hq = blockIdx.y, t = blockIdx.z, i = threadIdx.x, Tq = gridDim.z;
   const int nParts = a.num_splits * kWARPS;
-  const float* part = a.workspace + (size_t)a.batch * a.q_heads * D +
-                      ((size_t)b * a.q_heads + hq) * nParts * (D + 4);
+  const float* part = a.workspace + (size_t)a.batch * a.q_heads * Tq * D +
+                      (((size_t)b * a.q_heads + hq) * Tq + t) * nParts * (D + 4);
   float m = -INFINITY;
   for (int s = 0; s < nParts; ++s) {
     const float* p = part + s * (D + 4);
@@ -305,14 +362,14 @@ __global__ void kvxCombine(const KvxDecodeArgs a, bool rotated) {
 #pragma unroll 8
     for (int j = 0; j < D; ++j) r = fmaf(accs[j], a.consts[0][j * D + i], r);
   }
-  storeAct(a.out, b * a.o_sB + hq * a.o_sH + i, a.q_dtype, r);
+  storeAct(a.out, b * a.o_sB + hq * a.o_sH + t * a.o_sT + i, a.q_dtype, r);
 }
 
 template <class KR, class VR, int D>
 size_t decodeSmemBytes() {
   constexpr int LDH = TileCfg<D>::kLDH;
   using TC = TabCfg<KR, VR>;
-  return (size_t)(16 * LDH + kWARPS * 2 * kSUB * LDH) * sizeof(__half) + 16 * sizeof(float) +
+  return (size_t)(16 * LDH + kWARPS * 2 * kSUB * LDH) * sizeof(__half) + 16 * sizeof(float) + 16 * sizeof(int) +
          (size_t)(TC::kK + TC::kV) * sizeof(uint32_t);
 }
 
@@ -322,10 +379,29 @@ cudaError_t launchDecode(const KvxDecodeArgs& a, cudaStream_t stream) {
   auto kern = kvxDecodeSplit<KR, VR, D>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  kvxQPrologue<D><<<dim3(a.batch, a.q_heads), D, 0, stream>>>(a, KR::kRotated);
-  kern<<<dim3(a.num_splits, a.kv_heads, a.batch), kTHREADS, smem, stream>>>(a);
-  kvxCombine<D><<<dim3(a.batch, a.q_heads), D, 0, stream>>>(a, KR::kRotated);
+  const int Tq = qTokens(a);
+  kvxQPrologue<D><<<dim3(a.batch, a.q_heads, Tq), D, 0, stream>>>(a, KR::kRotated);
+  kern<<<dim3(a.num_splits, a.kv_heads * rowTiles(a), a.batch), kTHREADS, smem, stream>>>(a);
+  kvxCombine<D><<<dim3(a.batch, a.q_heads, Tq), D, 0, stream>>>(a, KR::kRotated);
   return cudaGetLastError();
+}
+
+// Checks shared by every launcher (the GQA ratio is checked by each: its limit may differ).
+inline cudaError_t checkCommonArgs(const KvxDecodeArgs& a, const char* codec) {
+  if (a.num_splits < 1 || a.batch < 1) { setError("%s: bad num_splits/batch", codec); return cudaErrorInvalidValue; }
+  if (!(a.softcap >= 0.f) || !std::isfinite(a.softcap)) {
+    setError("%s: softcap must be a finite number >= 0 (0 = off), got %g", codec, (double)a.softcap);
+    return cudaErrorInvalidValue;
+  }
+  if (a.sliding_window < 0) {
+    setError("%s: sliding_window must be >= 0 (0 = off), got %d", codec, a.sliding_window);
+    return cudaErrorInvalidValue;
+  }
+  if (a.q_tokens > 65535 || (size_t)a.kv_heads * rowTiles(a) > 65535) {
+    setError("%s: q_tokens %d too large (kv heads × ceil(G·q_tokens / 16) must be <= 65535)", codec, a.q_tokens);
+    return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
 }
 
 // Dispatch on head_dim.  Returns cudaErrorInvalidValue (with a message) for unsupported shapes.
@@ -337,7 +413,7 @@ cudaError_t dispatchDecode(const KvxDecodeArgs& a, cudaStream_t s, const char* c
   }
   const int G = a.q_heads / a.kv_heads;
   if (G > 16) { setError("%s: GQA ratio %d > 16 not supported", codec, G); return cudaErrorInvalidValue; }
-  if (a.num_splits < 1 || a.batch < 1) { setError("%s: bad num_splits/batch", codec); return cudaErrorInvalidValue; }
+  if (cudaError_t e = checkCommonArgs(a, codec)) return e;
   switch (a.head_dim) {
     case 64: return launchDecode<KRT<64>, VRT<64>, 64>(a, s);
     case 128: return launchDecode<KRT<128>, VRT<128>, 128>(a, s);

@@ -7,7 +7,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define KVX_ABI_VERSION 3
+#define KVX_ABI_VERSION 4
 #define KVX_MAX_FIELDS 8  // qjl keys use 6
 #define KVX_MAX_CONSTS 4
 
@@ -21,12 +21,15 @@ typedef struct {
   int64_t sB, sH, sT;
 } KvxField;
 
-// Fused decode attention: one query token per sequence.
+// Fused attention of q_tokens query tokens per sequence (1 = decode) over the packed cache
+// followed by the fp16 window.  Key j of sequence b (packed j < lens[b], then window) sits at
+// position j; query t at lens[b] + win_len(b) - q_tokens + t and sees key j iff j <= its
+// position and, when sliding_window > 0, j > position - sliding_window.
 typedef struct {
   int32_t batch, q_heads, kv_heads, head_dim;
   int32_t q_dtype;                  // 0 = fp16, 1 = bf16 (out has q's dtype)
-  const void* q;   int64_t q_sB, q_sH;   // (B, Hq, D), element strides, unit stride on D
-  void* out;       int64_t o_sB, o_sH;   // (B, Hq, D)
+  const void* q;   int64_t q_sB, q_sH;   // (B, Hq, Tq, D), element strides (q_sT below), unit on D
+  void* out;       int64_t o_sB, o_sH;   // (B, Hq, Tq, D) (o_sT below)
   const int32_t* lens;              // (B,) tokens in the packed cache per sequence
   int32_t max_len;                  // >= max(lens): sizes the split grid
   KvxField k[KVX_MAX_FIELDS];       // codec-defined key fields
@@ -39,7 +42,12 @@ typedef struct {
   int32_t bits, group, value_group, block;  // codec parameters (unused ones 0)
   float scale;                      // softmax scale (1/sqrt(D) by default)
   int32_t num_splits;               // split-K parts (>= 1)
-  float* workspace;                 // B·Hq·D + B·Hq·splits·4·(D + 4) fp32 (4 warps per split)
+  float* workspace;                 // B·Hq·Tq·D + B·Hq·Tq·splits·4·(D + 4) fp32 (4 warps per split)
+  // ABI 4 (zero = previous behaviour):
+  float softcap;                    // > 0: s = softcap·tanh(s / softcap) on the scaled score (Gemma 2)
+  int32_t sliding_window;           // > 0: keys at positions > query position - sliding_window only
+  int32_t q_tokens;                 // Tq query tokens per sequence, causal per token (<= 0 means 1)
+  int64_t q_sT, o_sT;               // element strides of q / out between query tokens
 } KvxDecodeArgs;
 
 // Append: encode n_new tokens per sequence at positions lens[b] .. lens[b]+n_new-1

@@ -33,6 +33,23 @@ __device__ __forceinline__ void warpStageRows(const KvxField& f, int b, int h, i
   __syncwarp();
 }
 
+// Hint: one warp asks L2 for the packed rows t..t+n-1 (rb bytes each, n <= 16) of field f, the
+// 128-byte lines of the span when the rows are contiguous (sT == rb), else each row's first
+// line.  Readers call it for the warp's next subtile before staging the current one, so that
+// subtile's bytes come from L2 instead of DRAM.  No effect on results.
+__device__ __forceinline__ void warpPrefetchRowsL2(const KvxField& f, int b, int h, int t, int n, int rb, int lane) {
+  if (n <= 0) return;
+  const char* g = fieldPtr<const char>(f, b, h, t);
+  const char* p = nullptr;
+  if (f.sT == rb) {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(g) & ~uintptr_t(127), hi = reinterpret_cast<uintptr_t>(g) + n * rb;
+    if (lo + uintptr_t(lane) * 128 < hi) p = reinterpret_cast<const char*>(lo + uintptr_t(lane) * 128);
+  } else if (lane < n) {
+    p = g + (int64_t)lane * f.sT;
+  }
+  if (p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 }  // namespace kvx
 
 #endif  // KVX_WARP_STAGE_CUH

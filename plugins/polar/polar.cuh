@@ -8,6 +8,7 @@
 #ifndef KVX_POLAR_CUH
 #define KVX_POLAR_CUH
 
+#include "../common/decode_attention.cuh"
 #include "../common/kvx_common.cuh"
 #include "../common/warp_stage.cuh"
 
@@ -40,6 +41,10 @@ __device__ __forceinline__ void polarWin64(const uint32_t* w, int bit, uint32_t&
 template <int D, int L>
 struct PolarReader {
   static constexpr bool kRotated = true;
+  // Launch bounds asked of the split kernel (decode_attention.cuh MinBlocksOf, where supported):
+  // 4 blocks per SM at D <= 128, the wave num_splits_for fills (168 registers gave 3: a second,
+  // almost empty wave); D = 256 is held to 2 blocks by its shared memory anyway.
+  static constexpr int kMinBlocks = D <= 128 ? 4 : 1;
   static constexpr int kN = 1 << L;            // coordinates per block
   static constexpr int kMaxEntries = 256;      // 2^8 codewords per level at most
   static constexpr int kTrigWords = 2 * kMaxEntries * L;
@@ -63,7 +68,7 @@ struct PolarReader {
     }
   }
 
-  __device__ static void load(const KvxDecodeArgs& a, const KvxField* f, int b, int h, int, int t0, int n,
+  __device__ static void load(const KvxDecodeArgs& a, const KvxField* f, int b, int h, int len, int t0, int n,
                               __half* tile, const uint32_t* tab, int lane) {
     constexpr int LDH = D + 8;
     const float2* t2 = reinterpret_cast<const float2*>(tab);
@@ -83,6 +88,11 @@ struct PolarReader {
       ttot += 1 << bl[l - 1];
     }
     const int rb = (tot + 7) / 8;  // code bytes per token row
+    {  // L2 prefetch of the warp's next subtile (kBLOCK_TOKENS on: the split kernel's stride)
+      const int t1 = t0 + kBLOCK_TOKENS, n1 = min(16, len - t1);
+      warpPrefetchRowsL2(f[0], b, h, t1, n1, rb, lane);
+      warpPrefetchRowsL2(f[1], b, h, t1, n1, kNBLK * 2, lane);
+    }
     const float sqd = sqrtf((float)D);
     uint8_t* stg = reinterpret_cast<uint8_t*>(const_cast<uint32_t*>(tab) + kTrigWords + (threadIdx.x >> 5) * kStageWords);
     // The first radius is loaded before the code rows are staged, each next one an iteration ahead.
@@ -159,19 +169,31 @@ struct PolarOf {
 
 // Append: one block per (new token, head, batch), D threads.  Same steps as the Python
 // encoder: y = x Πᵀ (fp32), level-1 angle atan2 (+2π when negative) and hypot radius, then
-// levels 2..L on pairs of radii; code = #boundaries <= angle; radius = fp16(r_L / √D).
+// levels 2..L on pairs of radii; code = #boundaries <= angle (binary search: the boundaries
+// are sorted, torch.bucketize(right=True)); radius = fp16(r_L / √D).  Π goes through shared
+// memory 32 columns at a time (coalesced rows, odd stride: conflict-free), so thread j still
+// sums Π[j][q]·x_q in ascending q with one fmaf each: the previous encoder's y bit for bit
+// (it read row j of Π per thread, 32 cache lines per warp load).
 template <int D>
 __global__ void __launch_bounds__(D) kvxPolarEncode(const KvxAppendArgs a) {
+  constexpr int PC = 32, PS = PC + 1;  // Π columns per pass, tile row stride
   __shared__ float xs[D];
   __shared__ float rs[D];       // radii of the current level
   __shared__ uint8_t codes[D];  // all angle codes of the token, level 1 first (D − D/2^L of them)
+  __shared__ float pit[D * PS]; // Π[:, q0:q0+PC]
   const int i = blockIdx.x, h = blockIdx.y, b = blockIdx.z, j = threadIdx.x;
   const int t = a.lens[b] + i, L = a.block;
   xs[j] = sanitize(loadAct(a.x, b * a.x_sB + h * a.x_sH + (int64_t)i * a.x_sT + j, a.x_dtype));
-  __syncthreads();
-  const float* pi = a.consts[0] + j * D;
+  const float* pi = a.consts[0];
   float y = 0.f;
-  for (int q = 0; q < D; ++q) y = fmaf(pi[q], xs[q], y);
+  for (int q0 = 0; q0 < D; q0 += PC) {
+    __syncthreads();  // xs written / the previous pass read
+#pragma unroll
+    for (int u = j; u < D * PC; u += D) pit[(u / PC) * PS + u % PC] = __ldg(pi + (u / PC) * D + q0 + u % PC);
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < PC; ++q) y = fmaf(pit[j * PS + q], xs[q0 + q], y);
+  }
   rs[j] = y;
   __syncthreads();
   const float* bnd = a.consts[2];
@@ -184,9 +206,12 @@ __global__ void __launch_bounds__(D) kvxPolarEncode(const KvxAppendArgs a) {
       ang = atan2f(o, e);
       if (l == 1 && ang < 0.f) ang += 6.283185307179586f;
       rad = hypotf(e, o);
-      int c = 0;
-      for (int k = 0; k < (1 << bl) - 1; ++k) c += (bnd[k] <= ang);
-      codes[co + j] = (uint8_t)c;
+      int lo = 0, hi = (1 << bl) - 1;  // first boundary > ang = number of boundaries <= ang
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (__ldg(bnd + mid) <= ang) lo = mid + 1; else hi = mid;
+      }
+      codes[co + j] = (uint8_t)lo;
     }
     __syncthreads();
     if (j < na) rs[j] = rad;

@@ -1,6 +1,6 @@
 // qjl launchers: decode attention (sign-bit keys with per-group outliers + fp16 residual,
 // kivi per-token values) and append.  Parameters come packed in the args (qjl.cuh).
-#include "qjl.cuh"
+#include "qjl_decode.cuh"
 
 extern "C" int kvx_finish(int e);
 
@@ -42,25 +42,25 @@ cudaError_t checkArgs(int D, int bits, int group, int vg, int block) {
 
 template <int D, int VB>
 cudaError_t launch(const KvxDecodeArgs& a, cudaStream_t s) {
-  const kvx::QjlDims dm(D, a.bits, a.group, a.block);
-  const size_t smem = (size_t)kvx::kWARPS * dm.warpBytes;
+  const kvx::QjlLayout L(D, VB, a);
+  const size_t smem = (size_t)L.blockBytes + (size_t)kvx::kWARPS * L.warpBytes;
   int dev = 0, optin = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (smem > (size_t)optin) {
     kvx::setError("qjl.m + qjl.outlier_m (%d + %d) too large for the decode kernel at head_dim %d "
-                  "(%zu bytes of shared memory > %d)", dm.m, dm.mo, D, smem, optin);
+                  "(%zu bytes of shared memory > %d)", L.m, L.mo, D, smem, optin);
     return cudaErrorInvalidValue;
   }
-  auto kern = kvx::kvxQjlSplit<D, VB>;
+  auto kern = kvx::kvxQjlDecode<D, VB>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  const size_t sqOff = (size_t)a.batch * a.q_heads * D +
-                       (size_t)a.batch * a.q_heads * a.num_splits * kvx::kWARPS * (D + 4);
-  kvx::kvxQPrologue<D><<<dim3(a.batch, a.q_heads), D, 0, s>>>(a, false);
-  kvx::kvxQjlSketchQ<D><<<dim3(a.batch, a.q_heads), 128, 0, s>>>(a, sqOff);
-  kern<<<dim3(a.num_splits, a.kv_heads, a.batch), kvx::kTHREADS, smem, s>>>(a, sqOff);
-  kvx::kvxCombine<D><<<dim3(a.batch, a.q_heads), D, 0, s>>>(a, false);
+  const int Tq = kvx::qTokens(a);
+  const size_t sqOff = kvx::decodeWorkspaceFloats(a.batch, a.q_heads, D, a.num_splits, Tq);
+  kvx::kvxQPrologue<D><<<dim3(a.batch, a.q_heads, Tq), D, 0, s>>>(a, false);
+  kvx::kvxQjlSketchQ<D><<<dim3(a.batch, a.q_heads, Tq), 128, 0, s>>>(a, sqOff);
+  kern<<<dim3(a.num_splits, a.kv_heads * kvx::rowTiles(a), a.batch), kvx::kTHREADS, smem, s>>>(a, sqOff);
+  kvx::kvxCombine<D><<<dim3(a.batch, a.q_heads, Tq), D, 0, s>>>(a, false);
   return cudaGetLastError();
 }
 
@@ -73,10 +73,7 @@ extern "C" int kvx_qjl_decode(const KvxDecodeArgs* a, cudaStream_t s) {
     kvx::setError("qjl: GQA ratio %d/%d not supported (a multiple, <= 16)", a->q_heads, a->kv_heads);
     return kvx_finish(cudaErrorInvalidValue);
   }
-  if (a->num_splits < 1 || a->batch < 1) {
-    kvx::setError("qjl: bad num_splits/batch");
-    return kvx_finish(cudaErrorInvalidValue);
-  }
+  if (cudaError_t e = kvx::checkCommonArgs(*a, "qjl")) return kvx_finish(e);
   return kvx_finish(byValueBits(a->bits & 0xff, [&](auto vb) {
     constexpr int VB = decltype(vb)::value;
     switch (a->head_dim) {

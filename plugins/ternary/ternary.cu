@@ -43,19 +43,35 @@ extern "C" int kvx_ternary_append(const KvxAppendArgs* a, cudaStream_t s) {
   if (a->n_new == 0) return 0;
   const int D = a->head_dim, planes = kvx::ternaryPlanes(a->bits, a->role == 0);
   if (a->role == 0 && a->group > 0) {
-    const size_t smem = (size_t)a->group * D * (sizeof(float) + 1);
+    if (a->group > kvx::kTernaryMaxKeyGroup) {
+      kvx::setError("ternary.key_group must be <= %d for the append kernel, got %d", kvx::kTernaryMaxKeyGroup,
+                    a->group);
+      return kvx_finish(cudaErrorInvalidValue);
+    }
+    const size_t smem = kvx::ternaryChannelSmem(a->group);
     int dev = 0, optin = 0;
     cudaGetDevice(&dev);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
     if (smem > (size_t)optin) {
-      kvx::setError("ternary.key_group (%d) x head_dim (%d) too large for the append kernel: %zu bytes of "
-                    "shared memory > %d", a->group, D, smem, optin);
+      kvx::setError("ternary.key_group (%d) too large for the append kernel: %zu bytes of shared memory > %d",
+                    a->group, smem, optin);
       return kvx_finish(cudaErrorInvalidValue);
     }
-    if (cudaError_t e = cudaFuncSetAttribute(kvx::kvxTernaryAppendChannel,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem))
-      return kvx_finish(e);
-    kvx::kvxTernaryAppendChannel<<<dim3(a->kv_heads, a->batch), D, smem, s>>>(*a, planes);
+    const dim3 grid(kvx::ceilDiv((D + 4) / 5, kvx::kTernaryChunkBytes), a->kv_heads, a->batch);
+    auto launch = [&](auto kern) -> cudaError_t {
+      if (cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem)) return e;
+      kern<<<grid, kvx::kTernaryChannelThreads, smem, s>>>(*a, planes);
+      return cudaSuccess;
+    };
+    cudaError_t e = cudaSuccess;
+    switch (kvx::ternaryNpl(a->group)) {
+      case 1: e = launch(kvx::kvxTernaryAppendChannel<1>); break;
+      case 2: e = launch(kvx::kvxTernaryAppendChannel<2>); break;
+      case 4: e = launch(kvx::kvxTernaryAppendChannel<4>); break;
+      case 8: e = launch(kvx::kvxTernaryAppendChannel<8>); break;
+      default: e = launch(kvx::kvxTernaryAppendChannel<16>); break;
+    }
+    if (e != cudaSuccess) return kvx_finish(e);
   } else {
     kvx::kvxTernaryAppendToken<<<dim3(a->n_new, a->kv_heads, a->batch), D, (size_t)D * 29, s>>>(*a, planes);
   }

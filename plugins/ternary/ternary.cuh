@@ -11,6 +11,7 @@
 
 #include <type_traits>
 
+#include "../common/decode_attention.cuh"
 #include "../common/kvx_common.cuh"
 #include "../common/warp_stage.cuh"
 
@@ -35,6 +36,9 @@ __host__ __device__ __forceinline__ int ternaryPlanes(int bits, bool key) { retu
 template <int D, bool KEY>
 struct TernaryReader {
   static constexpr bool kRotated = false;
+  // Launch bounds asked of the split kernel (decode_attention.cuh MinBlocksOf, where supported):
+  // 4 blocks per SM at D <= 128 (see PolarReader::kMinBlocks).
+  static constexpr int kMinBlocks = D <= 128 ? 4 : 1;
   static constexpr int kNB = (D + 4) / 5;
   static constexpr int kU = (kNB + 1) / 2;      // 10-channel units per row (last one partial)
   static constexpr int kSLOTS = 32 / kU;        // tokens per warp step
@@ -76,6 +80,12 @@ struct TernaryReader {
     const int grp = a.value_group, G = D / grp;
     const int nfull = max(0, min(n, full - t0));  // packed trit rows of this subtile
     const bool staged = P <= kStagePlanes;
+    {  // L2 prefetch of the warp's next subtile (kBLOCK_TOKENS on: the split kernel's stride):
+       // trit rows, and per-token steps (per-channel key steps are shared by a group's tokens)
+      const int t1 = t0 + kBLOCK_TOKENS, n1 = min(16, full - t1);
+      warpPrefetchRowsL2(f[0], b, h, t1, n1, P * kNB, lane);
+      if (!(KEY && kg > 0)) warpPrefetchRowsL2(f[1], b, h, t1, n1, P * G * 2, lane);
+    }
     const uint8_t* stg = reinterpret_cast<const uint8_t*>(tab + kLUT + (threadIdx.x >> 5) * kStageWords);
     if (staged) warpStageRows(f[0], b, h, t0, nfull, P * kNB, const_cast<uint8_t*>(stg), lane);
     const int k = lane % kU, slot = lane / kU;
@@ -207,11 +217,18 @@ __global__ void kvxTernaryAppendToken(const KvxAppendArgs a, int planes) {
     ks[j] = k;
     sS[j] = S;
     __syncthreads();
-    if (j == lo) {  // the group's leader: argmax S_k²/k, ties to the smallest k
-      int best = lo;
-      for (int q = lo + 1; q < lo + grp; ++q)
-        if (ratio[q] > ratio[best] || (ratio[q] == ratio[best] && ks[q] < ks[best])) best = q;
-      const __half s16 = ternaryStep(sS[best], ks[best]);
+    // argmax S_k²/k over the group, ties to the smallest k: a tree over the group's threads
+    // (group a power of two: it divides head_dim).  The k of a group are distinct, so the
+    // (ratio, −k) maximum is unique and the tree finds the serial scan's element.
+    for (int half = grp >> 1; half > 0; half >>= 1) {
+      if (j - lo < half) {
+        const int q = j + half;
+        if (ratio[q] > ratio[j] || (ratio[q] == ratio[j] && ks[q] < ks[j])) { ratio[j] = ratio[q]; ks[j] = ks[q]; sS[j] = sS[q]; }
+      }
+      __syncthreads();
+    }
+    if (j == lo) {  // the group's leader holds the maximum
+      const __half s16 = ternaryStep(sS[lo], ks[lo]);
       st[g] = __half2float(s16);
       srow[p * (D / grp) + g] = s16;
     }
@@ -225,49 +242,143 @@ __global__ void kvxTernaryAppendToken(const KvxAppendArgs a, int planes) {
   }
 }
 
-// Per-channel keys: one block per (head, batch), D threads (thread j = channel j), new tokens
-// in order.  Each goes to the fp16 residual row t % K; a token that completes a group fits
-// every channel's K values (the group's earlier keys from the residual, this call's tokens
-// from x unrounded, as TernaryCodec.append re-encodes them) and writes trits and steps.
-__global__ void kvxTernaryAppendChannel(const KvxAppendArgs a, int planes) {
-  extern __shared__ float csm[];  // r (K, D) fp32, then digits (K, D)
-  const int D = a.head_dim, K = a.group, NB = (D + 4) / 5;
-  float* rr = csm;
-  uint8_t* dig = reinterpret_cast<uint8_t*>(rr + K * D);
-  const int h = blockIdx.x, b = blockIdx.y, j = threadIdx.x, len = a.lens[b];
-  auto xAt = [&](int q) {
-    return sanitize(loadAct(a.x, b * a.x_sB + h * a.x_sH + (int64_t)(q - len) * a.x_sT + j, a.x_dtype));
+// Per-channel keys.  Block (channel chunk, head, batch): kTernaryChunkBytes trit bytes =
+// 5·kTernaryChunkBytes channels, one warp per channel (channels are independent, and a chunk
+// owns whole bytes of every plane row).  New tokens in order: each goes to the fp16 residual
+// row t % K; a token that completes a group fits every channel's K values (the group's
+// earlier keys from the residual, this call's tokens from x unrounded, as TernaryCodec.append)
+// exactly as ternary.fit_plane, per plane:
+//   A. warp per channel: |r| sorted descending in registers (bitonic over 32·NPL >= K slots,
+//      padding −1; lane holds positions lane + 32 i), stored to shared memory;
+//   B. one lane per channel: S_k accumulated sequentially in fp64 in sorted order (the
+//      reference's cumsum, bit for bit whatever the span);
+//   C. warp per channel: S_k²/k in fp64 over the lanes, first-maximum argmax (xor shuffles),
+//      step = fp16(fp32(S/k)), digits and the fp32 residual update;
+//   D. the block packs its bytes of the K plane rows.
+// O(K log² K / 32) shuffle compare-exchanges per lane and plane instead of the previous O(K²)
+// fp64 rank sums by one thread per channel.
+constexpr int kTernaryChunkBytes = 4;
+constexpr int kTernaryChunkCh = 5 * kTernaryChunkBytes;  // channels (warps) per block
+constexpr int kTernaryChannelThreads = 32 * kTernaryChunkCh;
+constexpr int kTernaryMaxKeyGroup = 512;                 // 16 sort slots per lane (174 KB of shared memory)
+
+// Sort slots per lane: 32·NPL >= K, NPL a power of two.
+__host__ __device__ __forceinline__ int ternaryNpl(int k) {
+  int n = 1;
+  while (32 * n < k) n <<= 1;
+  return n;
+}
+// Dynamic shared memory of kvxTernaryAppendChannel<NPL>: per channel S (K | 1) fp64, sorted
+// |r| (32·NPL + 1) and residuals (K | 1) fp32 (odd strides: conflict-free per-lane rows);
+// then digits (K, chunk channels).
+__host__ __device__ __forceinline__ size_t ternaryChannelSmem(int K) {
+  return (size_t)kTernaryChunkCh * (8 * (K | 1) + 4 * (32 * ternaryNpl(K) + 1) + 4 * (K | 1)) +
+         (size_t)K * kTernaryChunkCh;
+}
+
+template <int NPL>
+__global__ void __launch_bounds__(kTernaryChannelThreads) kvxTernaryAppendChannel(const KvxAppendArgs a, int planes) {
+  extern __shared__ double csm[];
+  constexpr int CW = kTernaryChunkCh, N = 32 * NPL, SBS = N + 1;
+  const int D = a.head_dim, K = a.group, NB = (D + 4) / 5, RS = K | 1;
+  const int m0 = blockIdx.x * kTernaryChunkBytes, c0 = 5 * m0;
+  const int cw = min(CW, D - c0), nbC = min(kTernaryChunkBytes, NB - m0);  // channels / bytes of this chunk
+  const int h = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+  const int len = a.lens[b];
+  double* sk = csm;                                              // (CW, RS) S_k
+  float* sb = reinterpret_cast<float*>(sk + CW * RS);            // (CW, SBS) sorted |r|
+  float* rr = sb + CW * SBS;                                     // (CW, RS) residuals
+  uint8_t* dig = reinterpret_cast<uint8_t*>(rr + CW * RS);       // (K, CW) digits
+  float* rw = rr + w * RS;
+  auto xAt = [&](int q, int c) {
+    return sanitize(loadAct(a.x, b * a.x_sB + h * a.x_sH + (int64_t)(q - len) * a.x_sT + c, a.x_dtype));
   };
   for (int i = 0; i < a.n_new; ++i) {
     const int pos = len + i, gi = pos / K, rk = pos - gi * K;
-    fieldPtr<__half>(a.f[2], b, h, rk)[j] = toFp16(xAt(pos));
-    if (rk != K - 1) continue;  // uniform over the block: no barrier is skipped by some threads only
-    for (int e = 0; e < K; ++e) {
-      const int q = gi * K + e;
-      rr[e * D + j] = q >= len ? xAt(q) : __half2float(fieldPtr<const __half>(a.f[2], b, h, e)[j]);
+    if (tid < cw) fieldPtr<__half>(a.f[2], b, h, rk)[c0 + tid] = toFp16(xAt(pos, c0 + tid));
+    if (rk != K - 1) continue;  // uniform over the block
+    __syncthreads();            // residual rows written by other threads
+    for (int u = tid; u < K * cw; u += blockDim.x) {
+      const int e = u / cw, cl = u - e * cw, q = gi * K + e;
+      rr[cl * RS + e] = q >= len ? xAt(q, c0 + cl) : __half2float(fieldPtr<const __half>(a.f[2], b, h, e)[c0 + cl]);
     }
+    __syncthreads();
     for (int p = 0; p < planes; ++p) {
-      double bestR = -1.0, bestS = 0.0;
-      int bestK = 0;
-      for (int e = 0; e < K; ++e) {
-        int k;
-        double S;
-        ternaryRank(rr + j, K, D, e, k, S);
-        const double ratio = S * S / (double)k;
-        if (ratio > bestR || (ratio == bestR && k < bestK)) { bestR = ratio; bestK = k; bestS = S; }
-      }
-      const __half s16 = ternaryStep(bestS, bestK);
-      fieldPtr<__half>(a.f[1], b, h, gi)[p * D + j] = s16;
-      const float s = __half2float(s16);
-      for (int e = 0; e < K; ++e) {
-        float r = rr[e * D + j];
-        dig[e * D + j] = ternaryDigit(r, s);
-        rr[e * D + j] = r;
+      if (w < cw) {  // A: bitonic sort, descending
+        float v[NPL];
+#pragma unroll
+        for (int s = 0; s < NPL; ++s) v[s] = lane + 32 * s < K ? fabsf(rw[lane + 32 * s]) : -1.f;
+        // Stages unrolled for up to 4 slots per lane (K <= 128); beyond, runtime stage loops keep
+        // the code small (slot indices stay compile-time: one unrolled body per j / 32).
+        constexpr int kUnroll = NPL <= 4 ? 16 : 1;
+#pragma unroll kUnroll
+        for (int k = 2; k <= N; k <<= 1)
+#pragma unroll kUnroll
+          for (int j = k >> 1; j > 0; j >>= 1) {
+            if (j >= 32) {  // partner in the same lane, slot s ^ (j / 32)
+#pragma unroll
+              for (int jj = 1; jj < NPL; jj <<= 1) {
+                if (jj != (j >> 5)) continue;
+#pragma unroll
+                for (int s = 0; s < NPL; ++s) {
+                  const int o = s ^ jj;
+                  if (o > s) {
+                    const bool desc = ((lane + 32 * s) & k) == 0;
+                    const float x = v[s], y = v[o];
+                    v[s] = desc ? fmaxf(x, y) : fminf(x, y);
+                    v[o] = desc ? fminf(x, y) : fmaxf(x, y);
+                  }
+                }
+              }
+            } else {  // partner lane ^ j, same slot: the lower position keeps the max when descending
+#pragma unroll
+              for (int s = 0; s < NPL; ++s) {
+                const float o = __shfl_xor_sync(0xffffffffu, v[s], j);
+                const bool keepMax = (((lane + 32 * s) & k) == 0) == ((lane & j) == 0);
+                v[s] = keepMax ? fmaxf(v[s], o) : fminf(v[s], o);
+              }
+            }
+          }
+#pragma unroll
+        for (int s = 0; s < NPL; ++s)
+          if (lane + 32 * s < K) sb[w * SBS + lane + 32 * s] = v[s];
       }
       __syncthreads();
-      for (int u = j; u < K * NB; u += blockDim.x) {
-        const int e = u / NB, m = u % NB;
-        fieldPtr<uint8_t>(a.f[0], b, h, gi * K + e)[p * NB + m] = ternaryByte(dig + e * D, D, m, 1);
+      if (tid < cw) {  // B: lane = channel, sequential fp64 prefix sums
+        double S = 0.0;
+        const float* src = sb + tid * SBS;
+        double* dst = sk + tid * RS;
+#pragma unroll 4
+        for (int k = 0; k < K; ++k) { S += (double)src[k]; dst[k] = S; }
+      }
+      __syncthreads();
+      if (w < cw) {  // C: argmax S_k²/k (ties: smallest k), step, digits
+        const double* skw = sk + w * RS;
+        double bestR = -1.0;
+        int bestK = K + 1;
+        for (int k = lane + 1; k <= K; k += 32) {  // ascending k: strict > keeps the first maximum
+          const double S = skw[k - 1], ratio = S * S / (double)k;
+          if (ratio > bestR) { bestR = ratio; bestK = k; }
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+          const double oR = __shfl_xor_sync(0xffffffffu, bestR, off);
+          const int oK = __shfl_xor_sync(0xffffffffu, bestK, off);
+          if (oR > bestR || (oR == bestR && oK < bestK)) { bestR = oR; bestK = oK; }
+        }
+        const __half s16 = ternaryStep(skw[bestK - 1], bestK);
+        if (lane == 0) fieldPtr<__half>(a.f[1], b, h, gi)[p * D + c0 + w] = s16;
+        const float s = __half2float(s16);
+        for (int e = lane; e < K; e += 32) {
+          float r = rw[e];
+          dig[e * CW + w] = ternaryDigit(r, s);
+          rw[e] = r;
+        }
+      }
+      __syncthreads();
+      for (int u = tid; u < K * nbC; u += blockDim.x) {  // D: pack
+        const int e = u / nbC, m = u - e * nbC;
+        fieldPtr<uint8_t>(a.f[0], b, h, gi * K + e)[p * NB + m0 + m] = ternaryByte(dig + e * CW + 5 * m, cw - 5 * m, 0, 1);
       }
       __syncthreads();
     }

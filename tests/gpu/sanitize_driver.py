@@ -1,5 +1,6 @@
 """Small driver for ``compute-sanitizer``: every codec's decode (with window, ragged
-lengths, several splits) and append once, on tiny shapes.  Exit code 0 = clean.
+lengths, several splits; one and five query tokens, soft cap, sliding window) and append
+once, on tiny shapes.  Exit code 0 = clean.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tests/gpu/sanitize_driver.py [spec ...]
 """
@@ -39,6 +40,13 @@ def main(specs=None):
             for splits in (1, 5):
                 out = K.decode_attention(q, ck, cv, lens, window_k=wk, window_v=wk.clone(), window_lens=wl,
                                          max_len=cap, num_splits=splits)
+            torch.cuda.synchronize()
+            assert torch.isfinite(out.float()).all(), spec
+            # Several query tokens (two row tiles at G = 16), soft cap, sliding window.
+            q5 = torch.randn(b, hkv * g, 5, d, device="cuda", dtype=torch.float16)
+            for splits, sw in ((1, 0), (5, 9)):
+                out = K.decode_attention(q5, ck, cv, lens, window_k=wk, window_v=wk.clone(), window_lens=wl,
+                                         max_len=cap, num_splits=splits, softcap=3.0, sliding_window=sw)
             torch.cuda.synchronize()
             assert torch.isfinite(out.float()).all(), spec
     print("sanitize driver done")

@@ -244,3 +244,180 @@ def test_qjl_long_uneven_splits(K):
         out = K.decode_attention(q.cuda(), ck, cv, lens_d, num_splits=splits)
         torch.cuda.synchronize()
         assert _rel(out, ref) < 2e-3, (splits, _rel(out, ref))
+
+
+# qjl sketch layouts of the decode kernel (plugins/qjl/qjl_decode.cuh): a lane owns wc = ⌈m/128⌉
+# (≤ 4) bit words per chunk of 128·wc sketch rows; m / m_o not multiples of 32 take the byte path.
+QJL_LAYOUTS = ["qjl:m=256,outliers=4,outlier_m=128,group=32",            # the benchmark: wc 2 / 1
+               "qjl:m=512,outliers=2,outlier_m=64,group=8,value_bits=8",  # wc 4, two groups per subtile
+               "qjl:m=640,outliers=0,value_bits=4",                       # two chunks, the last part padding
+               "qjl:m=200,outliers=9,outlier_m=40,group=5"]               # byte path, o > 8, 4 groups / subtile
+
+
+@pytest.mark.parametrize("spec", QJL_LAYOUTS)
+@pytest.mark.parametrize("d,hkv,g", [(128, 2, 8), (64, 1, 1), (256, 1, 16)])
+def test_qjl_decode_layouts(K, spec, d, hkv, g):
+    """qjl decode vs ``codec.attend`` over the lane word layouts, GQA 1 / 8 / 16, with a bf16
+    query and a ragged fp16 window on the last split setting."""
+    torch.manual_seed(hash((spec, d, g)) % 2**31)
+    codec = codecs.from_spec(spec)
+    lens, wl = [300, 77, 1], [3, 0, 5]
+    b, cap, w = len(lens), 320, 5
+    k = torch.randn(b, hkv, cap, d, dtype=torch.float16)
+    v = torch.randn(b, hkv, cap, d, dtype=torch.float16)
+    q = torch.randn(b, hkv * g, 1, d, dtype=torch.float16)
+    ck, cv, pks, pvs = _caches(K, codec, k, v, lens, cap)
+    lens_d = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    ref = _reference(codec, q, pks, pvs)
+    for splits in (None, 1, 7):
+        out = K.decode_attention(q.cuda(), ck, cv, lens_d, num_splits=splits, max_len=max(lens))
+        torch.cuda.synchronize()
+        assert _rel(out, ref) < 2e-3, (spec, splits, _rel(out, ref))
+    wk = torch.randn(b, hkv, w, d, dtype=torch.float16)
+    wv = torch.randn(b, hkv, w, d, dtype=torch.float16)
+    qb = q.to(torch.bfloat16)
+    ref = _reference(codec, qb, pks, pvs, wk, wv, wl)
+    out = K.decode_attention(qb.cuda(), ck, cv, lens_d, window_k=wk.cuda(), window_v=wv.cuda(),
+                             window_lens=torch.tensor(wl, dtype=torch.int32, device="cuda"), num_splits=3)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, ref) < 1e-2, (spec, _rel(out, ref))
+
+
+# ---- soft-capping, sliding windows, several query tokens per sequence (ABI 4) ----------------
+
+# One setting per codec (every reader and qjl's own split kernel).
+MASK_SPECS = ["fp16", "kivi:bits=2", "turbo:bits=3", "fibquant", "polar", "ternary", "qjl",
+              "qjl:m=200,outliers=3,outlier_m=40,group=24,value_bits=4,value_group=16"]
+
+
+def _raw_scores(codec, q, pk, pv, wk=None, wv=None):
+    """fp64 raw scores (1, Hq, Tq, T + W) and values (1, Hkv, T + W, D) of one sequence: keys from
+    ``Codec.decode`` (qjl: ``Codec.scores``, its estimator is not a decode), values from
+    ``Codec.decode``, then the fp16 window."""
+    from kvexport.codecs._core import attention as att
+    hq, tq = q.shape[1], q.shape[2]
+    qg = att.group_queries(q.double().cpu(), pk.heads)  # (1, Hkv, G·Tq, D)
+    if codec.name == "qjl":
+        s = codec.scores(q.float().cpu(), pk).double()
+    else:
+        s = att.ungroup(qg @ codec.decode(pk).double().transpose(-1, -2), hq, tq)
+    v = codec.decode(pv).double()
+    if wk is not None and wk.shape[2]:
+        s = torch.cat([s, att.ungroup(qg @ wk.double().cpu().transpose(-1, -2), hq, tq)], dim=-1)
+        v = torch.cat([v, wv.double().cpu()], dim=2)
+    return s, v
+
+
+def _masked_attention(s, v, *, softcap=0.0, sliding_window=0):
+    """The masked softmax of kvexport/models/cache.py ``_probs`` in fp64 (scale 1/√D, soft cap,
+    causal + sliding-window mask; the Tq queries are the last positions; rows with no visible key
+    give zeros), times v → (1, Hq, Tq, D)."""
+    from kvexport.codecs._core import attention as att
+    hq, tq, t = s.shape[1], s.shape[2], s.shape[3]
+    s = s / v.shape[-1] ** 0.5
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    qpos = torch.arange(t - tq, t).unsqueeze(1)
+    kpos = torch.arange(t).unsqueeze(0)
+    allow = kpos <= qpos
+    if sliding_window:
+        allow &= kpos > qpos - sliding_window
+    s = s.masked_fill(~allow, float("-inf"))
+    mx = s.amax(-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
+    z = e.sum(-1, keepdim=True)
+    p = e / torch.where(z > 0, z, torch.ones_like(z))
+    return att.ungroup(att.group_queries(p, v.shape[1]) @ v, hq, tq)
+
+
+def _masked_reference(codec, q, pk, pv, wk=None, wv=None, *, softcap=0.0, sliding_window=0):
+    """fp64 reference attention of q (1, Hq, Tq, D) over one sequence's packed cache (+ window)."""
+    return _masked_attention(*_raw_scores(codec, q, pk, pv, wk, wv), softcap=softcap, sliding_window=sliding_window)
+
+
+def _masked_errors(K, spec, d, hkv, g, tq, lens, wl, settings, *, seed=0):
+    """Encode once, then for each (softcap, sliding_window, splits) the kernel's relative error
+    vs the fp64 reference."""
+    torch.manual_seed(seed)
+    codec = codecs.from_spec(spec)
+    b, cap, w = len(lens), max(lens) + 16, max(wl) if wl else 0
+    k = torch.randn(b, hkv, cap, d, dtype=torch.float16)
+    v = torch.randn(b, hkv, cap, d, dtype=torch.float16)
+    q = torch.randn(b, hkv * g, tq, d, dtype=torch.float16)
+    ck, cv, pks, pvs = _caches(K, codec, k, v, lens, cap)
+    wk = torch.randn(b, hkv, w, d, dtype=torch.float16) if w else None
+    wv = torch.randn(b, hkv, w, d, dtype=torch.float16) if w else None
+    lens_d = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    kw = {}
+    if w:
+        kw = dict(window_k=wk.cuda(), window_v=wv.cuda(), window_lens=torch.tensor(wl, dtype=torch.int32, device="cuda"))
+    raw = [_raw_scores(codec, q[i:i + 1], pks[i], pvs[i], wk[i:i + 1, :, :wl[i]] if w else None,
+                       wv[i:i + 1, :, :wl[i]] if w else None) for i in range(b)]
+    errs = {}
+    for softcap, sw, splits in settings:
+        ref = torch.cat([_masked_attention(*r, softcap=softcap, sliding_window=sw) for r in raw])
+        out = K.decode_attention(q.cuda(), ck, cv, lens_d, num_splits=splits, max_len=max(lens), softcap=softcap,
+                                 sliding_window=sw, **kw)
+        torch.cuda.synchronize()
+        assert out.shape == q.shape and out.dtype == q.dtype
+        errs[(softcap, sw, splits)] = _rel(out, ref)
+    return errs
+
+
+@pytest.mark.parametrize("spec", MASK_SPECS)
+@pytest.mark.parametrize("d,hkv,g", [(64, 2, 1), (128, 2, 4), (256, 1, 8)])
+@pytest.mark.parametrize("window", [False, True])
+def test_softcap_and_sliding_window(K, spec, d, hkv, g, window):
+    """Soft cap alone, sliding window alone (inside the last split, across splits, width 1) and
+    both, one decode token per sequence, 1 / 7 / automatic splits, vs the fp64 reference."""
+    settings = [(c, w, s) for c, w in ((0.8, 0), (0.0, 37), (0.0, 150), (0.0, 1), (2.0, 20)) for s in (None, 1, 7)]
+    errs = _masked_errors(K, spec, d, hkv, g, 1, [300, 77, 5], [6, 0, 3] if window else [], settings,
+                          seed=d + g + len(spec) + window)
+    bad = {k: e for k, e in errs.items() if not e < 2e-3}
+    assert not bad, (spec, bad)
+
+
+@pytest.mark.parametrize("spec", MASK_SPECS)
+@pytest.mark.parametrize("tq", [1, 3, 17, 64])
+@pytest.mark.parametrize("d,hkv,g", [(128, 2, 4), (64, 3, 3)])
+def test_multi_query_causal(K, spec, tq, d, hkv, g):
+    """Tq query tokens per sequence in one launch: causal per token, queries reaching back into
+    the packed part and into the fp16 window; a sequence shorter than Tq (its first queries see
+    nothing: zeros); then with a sliding window and a soft cap."""
+    settings = [(0.0, 0, None), (0.0, 0, 1), (0.0, 0, 7), (1.5, 40, None), (1.5, 40, 5)]
+    errs = _masked_errors(K, spec, d, hkv, g, tq, [300, 77, 5], [6, 0, 3], settings, seed=tq)
+    bad = {k: e for k, e in errs.items() if not e < 2e-3}
+    assert not bad, (spec, tq, bad)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "turbo:bits=3", "kivi:bits=2", "polar", "qjl"])
+def test_last_query_token_equals_decode(K, spec):
+    """The newest of Tq fused query tokens is bit-identical to a one-token decode of it (same
+    splits): a row's scores, softmax and partials do not depend on the other rows of its tile."""
+    torch.manual_seed(3)
+    codec = codecs.from_spec(spec)
+    d, hkv, g, lens, cap = 128, 2, 4, [200, 90], 224
+    k = torch.randn(2, hkv, cap, d, dtype=torch.float16)
+    v = torch.randn(2, hkv, cap, d, dtype=torch.float16)
+    q = torch.randn(2, hkv * g, 5, d, dtype=torch.float16, device="cuda")
+    ck, cv, _, _ = _caches(K, codec, k, v, lens, cap)
+    lens_d = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    many = K.decode_attention(q, ck, cv, lens_d, num_splits=3)
+    one = K.decode_attention(q[:, :, -1:].contiguous(), ck, cv, lens_d, num_splits=3)
+    torch.cuda.synchronize()
+    assert torch.equal(many[:, :, -1:], one)
+
+
+def test_softcap_window_bad_arguments(K):
+    codec = codecs.get("fp16")
+    ck = K.KernelCache.allocate(codec, "key", 1, 2, 64, 16)
+    cv = K.KernelCache.allocate(codec, "value", 1, 2, 64, 16)
+    lens = torch.zeros(1, dtype=torch.int32, device="cuda")
+    q = torch.zeros(1, 2, 1, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(ValueError, match="softcap"):
+        K.decode_attention(q, ck, cv, lens, softcap=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        K.decode_attention(q, ck, cv, lens, softcap=float("inf"))
+    with pytest.raises(ValueError, match="sliding_window"):
+        K.decode_attention(q, ck, cv, lens, sliding_window=-3)

@@ -47,13 +47,35 @@ def _roundtrip(family: str, codec: str, steps: int = 12):
             assert r["first_code_mismatch"]["fraction"] <= code_tol, (i, r["first_code_mismatch"])
     assert clean >= steps // 2, f"codes differed in {steps - clean} of {steps} steps"
     assert res["token_agreement"] >= 0.9, res
-    return dec, s
+    return dec, s, model
 
 
-@pytest.mark.parametrize("family,codec", [("llama", "kivi:group=16"), ("llama", "fibquant"),
-                                          ("gpt2", "turbo"), ("gpt2", "qjl:group=8")])
-def test_tiny_decoder_greedy_loop_matches_torch(family, codec):
-    _roundtrip(family, codec)
+def _attention_attrs(model: onnx.ModelProto) -> list[tuple[float, int]]:
+    """(softcap, sliding_window) of each Attention node, in graph order."""
+    out = []
+    for n in model.graph.node:
+        if n.domain == "kvexport" and n.op_type.endswith("Attention"):
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            out.append((round(a["softcap"], 4), a["sliding_window"]))
+    return out
+
+
+# Every recipe family, one codec each, rotated so every seed codec and both baselines meet a
+# family; expected (softcap, sliding_window) per layer from the tiny configs (recipes.py).
+FAMILY_CASES = [
+    ("llama", "turbo", [(0.0, 0)] * 3),
+    ("mistral", "polar", [(0.0, 12)] * 3),                       # model-wide window
+    ("qwen2", "kivi:group=16", [(0.0, 0), (0.0, 10), (0.0, 10)]),  # layer_types
+    ("gemma2", "fibquant", [(50.0, 8), (50.0, 0)] * 2),           # soft-capping, alternating
+    ("gemma", "ternary", [(0.0, 8)] * 3 + [(0.0, 0)]),            # Gemma 3: 5:1 pattern, q/k norms
+    ("gpt2", "qjl", [(0.0, 0)] * 3),                              # learned positions, no GQA
+]
+
+
+@pytest.mark.parametrize("family,codec,attrs", FAMILY_CASES, ids=[f"{f}-{c}" for f, c, _ in FAMILY_CASES])
+def test_tiny_decoder_greedy_loop_matches_torch(family, codec, attrs):
+    _, _, model = _roundtrip(family, codec, steps=8)
+    assert _attention_attrs(model) == attrs
 
 
 def test_present_cache_is_the_codec_append():
@@ -80,7 +102,7 @@ def test_cli_export_writes_config_and_report(tmp_path):
     r = _cli("--model", "tiny:llama", "--codec", "polar", "--verify", "6", "--json", str(out))
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["codec"]["codec"] == "polar" and cfg["ops"] == {"PolarAttention": 1, "PolarKeyEncode": 1,
+    assert cfg["codec"]["codec"] == "polar" and cfg["ops"] == {"PolarAttention": 2, "PolarKeyEncode": 1,
                                                                "PolarValueEncode": 1}
     assert set(cfg["files"]) == {"model.onnx", "model.onnx.data"} and cfg["ir_version"] == 10
     rep = json.loads((out / "report.json").read_text())
@@ -95,9 +117,14 @@ def test_cli_export_writes_config_and_report(tmp_path):
     (["--codec", "nosuch"], "unknown codec"),
     (["--codec", "kivi:bits=9"], "kivi.bits"),
     (["--model", "tiny:nosuch"], "unknown tiny model family"),
-    (["--model", "tiny:gemma2"], "Gemma2Attention"),
+    (["--model", "CROSS"], "GPT2Attention (layer 0): cross-attention"),
 ])
 def test_cli_bad_inputs_fail_with_one_line(tmp_path, args, needle):
+    if "CROSS" in args:   # a GPT-2 with cross-attention blocks: not a decoder-only cache
+        from transformers import GPT2Config, GPT2LMHeadModel
+        GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=1, n_head=1,
+                                   add_cross_attention=True)).save_pretrained(tmp_path / "cross")
+        args = [str(tmp_path / "cross") if a == "CROSS" else a for a in args]
     r = _cli(*args, str(tmp_path / "o"))
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

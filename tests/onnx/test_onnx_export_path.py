@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvexport.ops import torch_ops
-from kvexport.ops.registry import all_ops
+from kvexport.ops.registry import all_ops, get_op
 from kvexport.onnx.export import export_module
 from kvexport.onnx.opmodels import session
 from kvexport.tolerances import tolerance
@@ -51,7 +51,8 @@ def test_export_runs_in_onnxruntime(codec, params):
     assert sorted(n.op_type for n in kv_nodes) == sorted(s.name for s in all_ops() if s.codec == codec)
     for n in kv_nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs["plugin_namespace"] == b"kvexport" and attrs["plugin_version"] == b"1"
+        assert attrs["plugin_namespace"] == b"kvexport"
+        assert attrs["plugin_version"] == str(get_op(n.op_type).version).encode()
         for key, val in params.items():
             assert attrs[key] == val
     assert m.ir_version <= 10

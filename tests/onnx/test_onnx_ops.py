@@ -50,7 +50,7 @@ def test_encode_matches_torch(codec, d, role):
     spec = _spec(codec, "encode", role)
     _, s = _sess(spec.name, d, False)
     allowed = tolerance(codec, "codes", "float32").atol
-    for i, (b, h, t) in enumerate([(1, 1, 1), (2, 3, 45), (1, 2, 7), (1, 1, 70), (1, 2, 300)]):
+    for i, (b, h, t) in enumerate([(1, 1, 1), (2, 3, 45), (1, 2, 7), (1, 1, 70), (1, 2, 300), (1, 2, 0)]):
         x = _rand((b, h, t, d), 100 * i + d) * (1 + 3 * i)
         ref = torch_ops.op(spec.name)(x)
         got = s.run(None, {"x": x.numpy()})
@@ -116,6 +116,35 @@ def test_attention_fp16_queries(codec):
     np.testing.assert_allclose(got.astype(np.float32), ref.float().numpy(), atol=tol.atol, rtol=tol.rtol)
 
 
+@pytest.mark.parametrize("codec", ["kivi", "polar"])
+def test_attention_softcap_and_sliding_window(codec):
+    """softcap / sliding_window: the function reads them from each node (attribute references)."""
+    spec = _spec(codec, "attention")
+    assert spec.version == 2 and SPECS[spec.name.replace("Attention", "KeyEncode")].version == 1
+    tol = tolerance(codec, "torch-ort", "float32")
+    d, b, hkv, hq, tq, t = 64, 1, 2, 4, 5, 30
+    q = _rand((b, hq, tq, d), 41) * 4
+    args = [q] + _packed_args(codec, spec, b, hkv, t, d, 42)
+    args += [_rand((b, hkv, 3, d), 43).half(), _rand((b, hkv, 3, d), 44).half()]
+    names = [n.name for n in spec.inputs]
+    plain = torch_ops.op(spec.name)(*args)
+    for softcap, sw in [(0.5, 0), (0.0, 4), (2.0, 9)]:
+        m = single_op_model(spec, {"softcap": softcap, "sliding_window": sw}, d, window=True)
+        ref = torch_ops.op(spec.name)(*args, softcap=softcap, sliding_window=sw)
+        assert (ref - plain).abs().max() > 1e-2        # the attribute changes the result
+        got = session(m).run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
+        err = np.abs(got - ref.numpy())
+        assert (err <= tol.atol + tol.rtol * np.abs(ref.numpy())).all(), (softcap, sw, err.max())
+
+
+def test_sliding_window_mask_semantics():
+    """Query at position p sees key j iff j <= p and j > p - S (kvexport.models.cache._probs)."""
+    from kvexport.codecs._core.attention import visible
+    m = visible(torch.arange(5, 8), torch.arange(8), True, 3)
+    assert m.tolist() == [[j <= p and j > p - 3 for j in range(8)] for p in range(5, 8)]
+    assert visible(torch.arange(3), torch.arange(3), True, 0).tolist() == torch.ones(3, 3).tril().bool().tolist()
+
+
 def test_every_node_carries_plugin_strings_and_checks():
     for name in ("KiviAttention", "TurboKeyEncode"):
         m, _ = _sess(name, 64, False)
@@ -123,7 +152,8 @@ def test_every_node_carries_plugin_strings_and_checks():
         node = next(n for n in m.graph.node if n.domain == "kvexport")
         attrs = {a.name: a for a in node.attribute}
         assert attrs["plugin_namespace"].type == onnx.AttributeProto.STRING
-        assert attrs["plugin_namespace"].s == b"kvexport" and attrs["plugin_version"].s == b"1"
+        assert attrs["plugin_namespace"].s == b"kvexport"
+        assert attrs["plugin_version"].s == str(SPECS[name].version).encode()
         assert [f.name for f in m.functions] == [name]
 
 

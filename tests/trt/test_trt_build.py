@@ -21,7 +21,8 @@ from kvexport.trt.codegen import generate
 from .conftest import ARCH
 
 # Codecs with CUDA kernels (plugins/<codec>/) and the parameter sets the tests build.
-PLUGIN_CODECS = {"fp16": "fp16", "turbo": "turbo:bits=4", "fibquant": "fibquant:k=4,N=16", "polar": "polar:bits=3"}
+PLUGIN_CODECS = {"fp16": "fp16", "turbo": "turbo:bits=4", "fibquant": "fibquant:k=4,N=16", "polar": "polar:bits=3",
+                 "kivi": "kivi:group=16", "ternary": "ternary", "qjl": "qjl"}
 KV_HEADS, Q_HEADS, D = 2, 4, 64
 
 
@@ -71,13 +72,23 @@ def test_single_op_engines(trt, plugin_lib, codec_name):
         parsed = engine.parse(trt, model, plugin_lib)
         assert list(parsed.plugin_layers.values()) == [model.graph.node[0].op_type]
         if op.endswith("Encode"):
+            # trailing dims and dtypes as the layout; token / token-group rows stay dynamic
             role = "key" if op.startswith("Key") else "value"
-            want = [(f.shape[1], f.dtype) for f in codec.layout(D, 8, role)]
+            want = [(tuple(f.shape[1:]), f.dtype) for f in codec.layout(D, 8, role)]
             net = parsed.network
             got = [net.get_output(i) for i in range(net.num_outputs)]
-            assert [t.shape[3] for t in got] == [w for w, _ in want], (op, codec_name)
+            assert [tuple(t.shape[3:]) for t in got] == [w for w, _ in want], (op, codec_name)
+            assert [t.shape[2] for t in got] == [-1] * len(want), (op, codec_name)
             assert [str(t.dtype) for t in got] == [
                 "DataType.HALF" if str(dt) == "torch.float16" else "DataType.INT8" for _, dt in want]
+            # static x: the plugin's shape expressions give the layout's full shapes (token groups:
+            # floor(T/g)·g tokens, floor(T/g) groups, T mod g residual rows)
+            fixed = _op_model(codec, op, window)
+            for k, n in enumerate((2, KV_HEADS, 100, D)):
+                fixed.graph.input[0].type.tensor_type.shape.dim[k].dim_value = n
+            net = engine.parse(trt, engine.prepare(fixed), plugin_lib).network
+            assert [tuple(net.get_output(i).shape) for i in range(net.num_outputs)] == [
+                (2, KV_HEADS, *f.shape) for f in codec.layout(D, 100, role)], (op, codec_name)
         res = engine.build(_op_model(codec, op, window), plugin_lib,
                            Limits(max_batch=2, max_prompt=16, max_context=256,
                                   fixed=_fixed_dims(codec, _op_model(codec, op, window))),
@@ -86,9 +97,11 @@ def test_single_op_engines(trt, plugin_lib, codec_name):
 
 
 def test_op_without_kernel_is_named(trt, plugin_lib):
+    # Every registered codec has plugins now: a node whose op the library lacks stands in.
     model = single_op_model(get_op("QjlAttention"), {}, D)
+    model.graph.node[0].op_type = "NoKernelAttention"
     with pytest.raises(PluginCoverageError,
-                       match=r"no TensorRT plugin \(no CUDA kernel yet\) for op\(s\) QjlAttention"):
+                       match=r"no TensorRT plugin \(no CUDA kernel yet\) for op\(s\) NoKernelAttention"):
         engine.build(model, plugin_lib, trt=trt)
 
 
@@ -152,16 +165,19 @@ def roundtrip(plugin_lib, tmp_path_factory):
     ("TurboAttention", dict(bits=8, seed=3, causal=1)),
     ("FibQuantValueEncode", dict(k=8, N=256, bits=1.0, seed=5)),
     ("PolarAttention", dict(level_bits=[3, 2, 2, 1], levels=4, seed=2)),
+    ("KiviKeyEncode", dict(bits=4, group=16, value_group=64, window=0)),
+    ("TernaryAttention", dict(bits=4.0, key_planes=3, group=32, key_axis="channel", key_group=32, causal=1)),
+    ("QjlValueEncode", dict(bits=2.5, outliers=8, outlier_m=64, group=64, value_bits=4, seed=9)),
 ])
 def test_fields_round_trip_through_serialization(roundtrip, op, fields):
-    rc, out, err = roundtrip(op, "1", **fields)
+    spec = get_op(op)
+    rc, out, err = roundtrip(op, str(spec.version), **fields)
     assert rc == 0, (out, err)
-    assert out["name"] == op and out["namespace"] == "kvexport" and out["version"] == "1"
+    assert out["name"] == op and out["namespace"] == "kvexport" and out["version"] == str(spec.version)
     assert out["build"] == out["runtime"]
     for k, v in fields.items():
-        assert out["runtime"][k] == (v if isinstance(v, list) else [v]), k
+        assert out["runtime"][k] == (v if isinstance(v, (list, str)) else [v]), k
     # fields the node omits take the registry default
-    spec = get_op(op)
     for a in spec.attrs:
         if a.name not in fields and a.default is not None and a.type not in ("ints", "str"):
             assert out["runtime"][a.name] == [a.default], a.name
@@ -174,6 +190,12 @@ def test_out_of_range_fields_are_refused(roundtrip):
     assert rc == 1 and "fibquant (k=4, N=32) has no CUDA kernel" in err
     rc, out, err = roundtrip("PolarKeyEncode", "1", level_bits=[4, 2, 2], levels=4)
     assert rc == 1 and "polar needs levels = 4 and level_bits with 4 entries" in err
+    rc, out, err = roundtrip("KiviAttention", str(get_op("KiviAttention").version), bits=5)
+    assert rc == 1 and "kivi.bits must be one of 2, 3, 4, 8" in err
+    rc, out, err = roundtrip("TernaryKeyEncode", "1", key_axis="token")
+    assert rc == 1 and "ternary.key_axis must be 'channel'" in err
+    rc, out, err = roundtrip("QjlKeyEncode", "1", outliers=0)
+    assert rc == 1 and "qjl.outliers must be >= 1" in err
     rc, out, _ = roundtrip("TurboKeyEncode", "2", bits=3)
     assert rc == 1 and "no creator TurboKeyEncode version 2" in out["error"]
 
@@ -189,7 +211,10 @@ def test_dlopen_without_tensorrt_registry_is_safe(trt, plugin_lib):
 # Families the ONNX export supports today (sliding-window families are refused there).
 @pytest.mark.parametrize("model,codec", [("tiny:llama", "fp16"), ("tiny:llama", "turbo:bits=4"),
                                          ("tiny:llama", "fibquant:k=4,N=16"), ("tiny:llama", "polar"),
-                                         ("tiny:gpt2", "turbo")])
+                                         ("tiny:llama", "kivi:group=16"), ("tiny:gpt2", "turbo"),
+                                         # grouped key layouts like kivi's; their single ops build above
+                                         pytest.param("tiny:llama", "ternary", marks=pytest.mark.slow),
+                                         pytest.param("tiny:llama", "qjl", marks=pytest.mark.slow)])
 def test_kvexport_build_tiny_decoder(plugin_lib, tmp_path, model, codec, monkeypatch):
     monkeypatch.setenv("KVEXPORT_TRT_PLUGIN_LIB", str(plugin_lib))
     monkeypatch.setenv("KVEXPORT_CUDA_ARCHS", ARCH)

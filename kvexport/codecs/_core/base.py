@@ -158,9 +158,11 @@ class Codec:
     def attend(self, q: torch.Tensor, packed_k: Packed, packed_v: Packed, *,
                window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
                causal: bool = True, q_start: int | None = None,
-               scale: float | None = None) -> torch.Tensor:
+               scale: float | None = None, softcap: float = 0.0, sliding_window: int = 0) -> torch.Tensor:
         """Softmax attention of ``q`` over the packed cache plus an optional fp16 window.
 
+        ``softcap`` > 0 caps the scaled scores (c·tanh(s/c)); ``sliding_window`` S > 0 lets
+        the query at position p see only keys j > p - S (see :mod:`._core.attention`).
         Returns (B, Hq, Tq, D) in q's dtype; softmax and accumulation in fp32.
         """
         if packed_k.tokens != packed_v.tokens:
@@ -181,7 +183,7 @@ class Codec:
             qg = _att.group_queries(q.to(torch.float32), window_k.shape[1])
             sw = _att.ungroup(qg @ window_k.to(torch.float32).transpose(-1, -2), q.shape[1], tq)
             s = torch.cat([s, sw], dim=-1)
-        p = _att.softmax_attend(s, scale, causal, q_start)
+        p = _att.softmax_attend(s, scale, causal, q_start, softcap=softcap, sliding_window=sliding_window)
         out = self.weighted_sum(p[..., :t], packed_v)
         if w:
             pg = _att.group_queries(p[..., t:], window_v.shape[1])

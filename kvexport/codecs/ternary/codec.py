@@ -198,7 +198,7 @@ class TernaryCodec(Codec):
         g = self.params.group
         steps, trits = fit_planes(x.reshape(b, h, t, d // g, g), pl)
         # steps (B,H,T,G,P) → (B,H,T,P,G); trits (B,H,T,G,P,g) → (B,H,T,P,D)
-        trits = trits.permute(0, 1, 2, 4, 3, 5).reshape(b, h, t, -1, d)
+        trits = trits.permute(0, 1, 2, 4, 3, 5).reshape(b, h, t, pl, d)   # pl, not -1: t may be 0
         return {"trits": pack_trits(trits), "steps": steps.transpose(-1, -2).contiguous()}
 
     def _planes(self, packed: Packed) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,13 +211,13 @@ class TernaryCodec(Codec):
             kg = self.params.key_group
             return tr.reshape(b, h, st.shape[2], kg, st.shape[3], d), st
         g = self.params.group
-        return tr.reshape(b, h, t, -1, d // g, g), st
+        return tr.reshape(b, h, t, st.shape[3], d // g, g), st
 
     def _decode(self, packed: Packed) -> torch.Tensor:
         b, h, t, d = packed.shape
         tr, st = self._planes(packed)
         if self._by_channel(packed.role):
-            full = (tr * st.unsqueeze(3)).sum(dim=4).reshape(b, h, -1, d)
+            full = (tr * st.unsqueeze(3)).sum(dim=4).reshape(b, h, tr.shape[2] * tr.shape[3], d)
             return torch.cat([full, packed["residual"].to(torch.float32)], dim=2)
         return (tr * st.unsqueeze(-1)).sum(dim=3).reshape(b, h, t, d)
 

@@ -11,7 +11,9 @@ products with the decoded vectors, see docs/adding_a_codec.md).
 
 Functions are specialised to one model: head_dim, the codec parameters and
 ``causal`` are read from the model's nodes (all nodes of one op type must agree)
-and folded in as constants; the codec's constants arrive as inputs ``c_<name>``.
+and folded in as constants; ``softcap`` and ``sliding_window`` are read from each
+calling node (attribute references), since they change from layer to layer; the
+codec's constants arrive as inputs ``c_<name>``.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def build_function(spec: OpSpec, codec, head_dim: int, const_names: list[str], *
     k32 = mod.decode(fn, kf, consts, codec, "key", head_dim)
     v32 = mod.decode(fn, vf, consts, codec, "value", head_dim)
     out = attention_body(fn, "q", k32, v32, "window_k" if window else None, "window_v" if window else None,
-                         causal, head_dim)
+                         causal, head_dim, softcap=fn.attr_float("softcap"),
+                         sliding_window=fn.attr_int("sliding_window"))
     fn.rename(out, "out")
     return make_function(spec.name, DOMAIN, fn, in_names, ["out"], attr_names, spec.doc)

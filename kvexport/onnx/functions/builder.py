@@ -47,6 +47,36 @@ class Fn:
     def ints(self, *v: int) -> str:
         return self.const(list(v), np.int64)
 
+    def attr_float(self, name: str) -> str:
+        """fp32 scalar holding the calling node's float attribute ``name`` (an attribute reference)."""
+        return self._attr_const(name, onnx.AttributeProto.FLOAT, "value_float")
+
+    def attr_int(self, name: str) -> str:
+        """int64 scalar holding the calling node's int attribute ``name`` (an attribute reference)."""
+        return self._attr_const(name, onnx.AttributeProto.INT, "value_int")
+
+    def _attr_const(self, name: str, kind: int, field: str) -> str:
+        out = self._name()
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(onnx.AttributeProto(name=field, ref_attr_name=name, type=kind))
+        self.nodes.append(node)
+        return out
+
+    def topk(self, x: str, k: int, *, largest: int = 1) -> tuple[str, str]:
+        """Sorted ``TopK`` over the last axis → (values, indices); safe on empty inputs.
+
+        onnxruntime 1.30 dies with SIGFPE on a TopK whose input has no elements (a
+        one-token prompt has no complete token group): the leading axes are flattened,
+        one zero row is appended, and its results are dropped again."""
+        lead, n = self.shape_of(x, 0, -1), self.dim(x, -1)
+        rows = self.op("ReduceProd", lead, keepdims=1)
+        flat = self.op("Reshape", x, self.cat_shape(rows, n), allowzero=1)   # rows may be 0
+        zero = self.op("CastLike", self.op("ConstantOfShape", self.cat_shape(1, n)), flat)
+        v, i = self.op("TopK", self.op("Concat", flat, zero, axis=0), self.ints(k), axis=-1, largest=largest,
+                       sorted=1, n_out=2)
+        back = self.cat_shape(lead, k)
+        return tuple(self.op("Reshape", self.slice(t, 0, rows, 0), back, allowzero=1) for t in (v, i))
+
     def rename(self, src: str, dst: str) -> str:
         return self.op("Identity", src, out=[dst])
 
@@ -172,7 +202,8 @@ class Fn:
         c2 = self.reduce("ReduceSum", self.op("Mul", codebook, codebook), -1, 0)
         dots = self.op("MatMul", x, self.op("Transpose", codebook, perm=[1, 0]))
         d = self.op("Sub", c2, self.op("Mul", self.const(2.0), dots))
-        return self.op("ArgMin", d, axis=-1, keepdims=0, select_last_index=0)
+        idx = self.op("ArgMin", d, axis=-1, keepdims=0, select_last_index=0)
+        return self.reshape(idx, self.shape_of(d, 0, -1))   # onnxruntime: empty input comes back unreduced
 
 
 def make_function(name: str, domain: str, fn: Fn, inputs: list[str], outputs: list[str],
@@ -184,12 +215,17 @@ def make_function(name: str, domain: str, fn: Fn, inputs: list[str], outputs: li
 
 
 def attention_body(fn: Fn, q: str, k32: str, v32: str, window_k: str | None, window_v: str | None,
-                   causal: bool, head_dim: int, scale: float | None = None) -> str:
+                   causal: bool, head_dim: int, scale: float | None = None, *,
+                   softcap: str | None = None, sliding_window: str | None = None) -> str:
     """Softmax attention of q (B, Hq, Tq, D) over decoded k/v (B, Hkv, T, D) fp32 (+ fp16 window).
 
     Mirrors ``Codec.attend``: GQA by grouping query heads (query head h uses kv head
-    h // (Hq/Hkv)), scores · 1/√D, causal mask with query i at position Tk − Tq + i,
-    max-subtracted softmax in fp32 (fully masked rows → zeros), output cast to q's type.
+    h // (Hq/Hkv)), scores · 1/√D, soft-capping ``c·tanh(s/c)`` where c > 0, mask of
+    ``_core.attention.visible`` with query i at position p = Tk − Tq + i (causal: j <= p;
+    sliding window S > 0: j > p − S), max-subtracted softmax in fp32 (fully masked rows →
+    zeros), output cast to q's type.  ``softcap`` (fp32 scalar) and ``sliding_window``
+    (int64 scalar) are value names, typically :meth:`Fn.attr_float` / :meth:`Fn.attr_int`
+    of the calling node, so one function serves layers with different windows.
     """
     if window_k is not None:
         k32 = fn.op("Concat", k32, fn.cast(window_k, F32), axis=2)
@@ -201,11 +237,19 @@ def attention_body(fn: Fn, q: str, k32: str, v32: str, window_k: str | None, win
     q_shape3 = fn.shape_of(q32, 0, 3)
     s = fn.reshape(s, fn.cat_shape(q_shape3, -1))                             # (B, Hq, Tq, Tk)
     s = fn.op("Mul", s, fn.const(1.0 / math.sqrt(head_dim) if scale is None else scale))
-    if causal:
-        tq, tk = fn.dim(q32, 2), fn.dim(k32, 2)
-        qpos = fn.op("Add", fn.op("Range", fn.ints(0), tq, fn.ints(1)), fn.op("Sub", tk, tq))
-        kpos = fn.op("Range", fn.ints(0), tk, fn.ints(1))
-        visible = fn.op("LessOrEqual", fn.op("Unsqueeze", kpos, fn.ints(0)), fn.op("Unsqueeze", qpos, fn.ints(1)))
+    if softcap is not None:   # c > 0: c·tanh(s/c); the Where keeps s (and drops s/0) when off
+        capped = fn.op("Mul", fn.op("Tanh", fn.op("Div", s, softcap)), softcap)
+        s = fn.op("Where", fn.op("Greater", softcap, fn.const(0.0)), capped, s)
+    tq, tk = fn.dim(q32, 2), fn.dim(k32, 2)
+    qpos = fn.op("Add", fn.op("Range", fn.ints(0), tq, fn.ints(1)), fn.op("Sub", tk, tq))
+    kpos = fn.op("Range", fn.ints(0), tk, fn.ints(1))
+    kpos2, qpos2 = fn.op("Unsqueeze", kpos, fn.ints(0)), fn.op("Unsqueeze", qpos, fn.ints(1))  # (1, Tk), (Tq, 1)
+    visible = fn.op("LessOrEqual", kpos2, qpos2) if causal else None
+    if sliding_window is not None:   # S > 0: j > p − S; S <= 0 sees everything
+        inside = fn.op("Or", fn.op("LessOrEqual", sliding_window, fn.ints(0)),
+                       fn.op("Greater", kpos2, fn.op("Sub", qpos2, sliding_window)))
+        visible = inside if visible is None else fn.op("And", visible, inside)
+    if visible is not None:
         s = fn.op("Where", visible, s, fn.const(-np.inf))
     mx = fn.reduce("ReduceMax", s, -1, 1)
     mx = fn.op("Where", fn.op("IsInf", mx), fn.const(0.0), mx)

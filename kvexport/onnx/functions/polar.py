@@ -43,7 +43,8 @@ def _atan2_f64(fn: Fn, y: str, x: str) -> str:
 
 def _pairs(fn: Fn, v: str) -> tuple[str, str]:
     """(..., n) → (even (..., n/2), odd (..., n/2)) in fp64."""
-    p = fn.reshape(v, fn.cat_shape(fn.shape_of(v, 0, -1), -1, 2))
+    half = fn.op("Div", fn.dim(v, -1), fn.ints(2))    # not -1: Reshape cannot infer it for 0 tokens
+    p = fn.reshape(v, fn.cat_shape(fn.shape_of(v, 0, -1), half, 2))
     even = fn.op("Squeeze", fn.slice(p, 0, 1, -1), fn.ints(-1))
     odd = fn.op("Squeeze", fn.slice(p, 1, 2, -1), fn.ints(-1))
     return fn.cast(even, F64), fn.cast(odd, F64)
@@ -94,5 +95,5 @@ def decode(fn: Fn, f: dict[str, str], consts: dict, codec, role: str, d: int) ->
     for c, s in zip(reversed(cos), reversed(sin)):
         pair = fn.op("Concat", fn.op("Unsqueeze", fn.op("Mul", rho, c), fn.ints(-1)),
                      fn.op("Unsqueeze", fn.op("Mul", rho, s), fn.ints(-1)), axis=-1)
-        rho = fn.reshape(pair, fn.cat_shape(lead, -1))
+        rho = fn.reshape(pair, fn.cat_shape(lead, fn.op("Mul", fn.dim(c, -1), fn.ints(2))))
     return fn.clamp_fp16_range(fn.op("MatMul", rho, consts["rotation"]))

@@ -58,8 +58,8 @@ def encode(fn: Fn, x: str, consts: dict, codec, role: str, d: int) -> dict[str, 
     k = fn.slice(x, 0, full, 2)
     kg = fn.reshape(k, fn.cat_shape(bh, groups, g, d))
     energy = fn.reduce("ReduceSum", fn.op("Mul", kg, kg), 3, 0)             # (B, H, G, D)
-    top = fn.op("TopK", energy, fn.ints(o), axis=-1, largest=1, sorted=1, n_out=2)[1]
-    idx = fn.op("TopK", top, fn.ints(o), axis=-1, largest=0, sorted=1, n_out=2)[0]          # ascending
+    top = fn.topk(energy, o)[1]
+    idx = fn.topk(top, o, largest=0)[0]                                         # ascending
     mask = _mask(fn, idx, d, g)
     k_in = fn.op("Where", mask, fn.const(0.0), k)
     k_out = fn.op("Where", mask, k, fn.const(0.0))

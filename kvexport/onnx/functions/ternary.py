@@ -21,7 +21,7 @@ _POW3 = np.array([1, 3, 9, 27, 81], np.int32)
 
 def _fit_plane(fn: Fn, r: str, n: int) -> tuple[str, str]:
     a = fn.op("Abs", r)
-    srt = fn.op("TopK", a, fn.ints(n), axis=-1, largest=1, sorted=1, n_out=2)[0]
+    srt = fn.topk(a, n)[0]
     s = fn.op("CumSum", fn.cast(srt, F64), fn.const(-1, np.int64))
     k = fn.const(np.arange(1, n + 1), np.float64)
     kstar = fn.op("ArgMax", fn.op("Div", fn.op("Mul", s, s), k), axis=-1, keepdims=1, select_last_index=0)

@@ -1,9 +1,11 @@
 // Per-codec glue between the generic plugin and the kernel launchers of plugins/<codec>/:
-// packed-field widths (mirroring each codec's Python ``layout``), the kernels' integer
-// parameters, and the kernels' supported parameter range.  A codec listed here has
+// packed-field shapes (mirroring each codec's Python ``layout``), the kernels' integer
+// parameters (kvexport/kernels/cache.py ``kernel_params``), the kernels' supported parameter
+// range and, where the kernels want them rearranged, their constant slots.  A codec listed here has
 // TensorRT plugins; any other codec's ops are left out of getCreators().
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,12 @@ int kvx_fibquant_append(KvxAppendArgs const* a, cudaStream_t s);
 int kvx_fibquant_decode(KvxDecodeArgs const* a, cudaStream_t s);
 int kvx_polar_append(KvxAppendArgs const* a, cudaStream_t s);
 int kvx_polar_decode(KvxDecodeArgs const* a, cudaStream_t s);
+int kvx_kivi_append(KvxAppendArgs const* a, cudaStream_t s);
+int kvx_kivi_decode(KvxDecodeArgs const* a, cudaStream_t s);
+int kvx_ternary_append(KvxAppendArgs const* a, cudaStream_t s);
+int kvx_ternary_decode(KvxDecodeArgs const* a, cudaStream_t s);
+int kvx_qjl_append(KvxAppendArgs const* a, cudaStream_t s);
+int kvx_qjl_decode(KvxDecodeArgs const* a, cudaStream_t s);
 }
 
 namespace kvx {
@@ -26,13 +34,37 @@ namespace {
 
 int64_t packedBytes(int64_t n, int64_t bits) { return (n * bits + 7) / 8; }
 
+// One field shape: rows, group, trailing dims.
+FieldShape shape(Rows rows, int32_t group, std::initializer_list<int64_t> trail) {
+  FieldShape f;
+  f.rows = rows;
+  f.group = group;
+  f.nbTrail = static_cast<int32_t>(trail.size());
+  int32_t i = 0;
+  for (int64_t t : trail) f.trail[i++] = t;
+  return f;
+}
+FieldShape perToken(int64_t width) { return shape(Rows::kTOKENS, 1, {width}); }
+
+std::string strAttr(Attrs const& a, char const* name, char const* dflt) {
+  for (auto const& v : a.values())
+    if (v.name == name) return v.str;
+  return dflt;
+}
+
+bool oneOf(int32_t v, std::initializer_list<int32_t> allowed) {
+  for (int32_t x : allowed)
+    if (x == v) return true;
+  return false;
+}
+
 // ---- fp16: field "x" (T, D) fp16.
 bool fp16Check(Attrs const&, std::string&) { return true; }
-bool fp16Width(Attrs const&, int32_t, int32_t, int64_t D, int64_t& w, std::string&) {
-  w = D;
+bool fp16Shape(Attrs const&, int32_t, int32_t, int64_t D, FieldShape& s, std::string&) {
+  s = perToken(D);
   return true;
 }
-KernelParams fp16Params(Attrs const&) { return {16, 0, 0, 0}; }
+KernelParams fp16Params(Attrs const&, int64_t) { return {16, 0, 0, 0}; }
 
 // ---- turbo: "norm" (T, 1) fp16, "codes" (T, ceil(D·bits/8)) uint8.
 bool turboCheck(Attrs const& a, std::string& err) {
@@ -41,11 +73,11 @@ bool turboCheck(Attrs const& a, std::string& err) {
   err = "turbo.bits must be one of 1, 2, 3, 4, 8 for the CUDA kernels, got " + std::to_string(b);
   return false;
 }
-bool turboWidth(Attrs const& a, int32_t, int32_t field, int64_t D, int64_t& w, std::string&) {
-  w = field == 0 ? 1 : packedBytes(D, a.getInt("bits", 3));
+bool turboShape(Attrs const& a, int32_t, int32_t field, int64_t D, FieldShape& s, std::string&) {
+  s = perToken(field == 0 ? 1 : packedBytes(D, a.getInt("bits", 3)));
   return true;
 }
-KernelParams turboParams(Attrs const& a) { return {a.getInt("bits", 3), 0, 0, 0}; }
+KernelParams turboParams(Attrs const& a, int64_t) { return {a.getInt("bits", 3), 0, 0, 0}; }
 
 // ---- fibquant: "norm" (T, 1) fp16, "codes" (T, ceil((D/k)·log2 N / 8)) uint8; N = 2^(bits·k).
 int32_t fibIndexBits(Attrs const& a) {
@@ -62,16 +94,16 @@ bool fibCheck(Attrs const& a, std::string& err) {
         ") has no CUDA kernel; (k, N) must be one of (8,16) (8,256) (4,16) (4,64) (4,256) (2,16)";
   return false;
 }
-bool fibWidth(Attrs const& a, int32_t, int32_t field, int64_t D, int64_t& w, std::string& err) {
+bool fibShape(Attrs const& a, int32_t, int32_t field, int64_t D, FieldShape& s, std::string& err) {
   int32_t const k = a.getInt("k", 4);
   if (D % k) {
     err = "fibquant.k (" + std::to_string(k) + ") must divide head_dim " + std::to_string(D);
     return false;
   }
-  w = field == 0 ? 1 : packedBytes(D / k, fibIndexBits(a));
+  s = perToken(field == 0 ? 1 : packedBytes(D / k, fibIndexBits(a)));
   return true;
 }
-KernelParams fibParams(Attrs const& a) { return {fibIndexBits(a), 0, 0, a.getInt("k", 4)}; }
+KernelParams fibParams(Attrs const& a, int64_t) { return {fibIndexBits(a), 0, 0, a.getInt("k", 4)}; }
 
 // ---- polar: "codes" (T, ceil(sum_l (D >> l)·b_l / 8)) uint8, "radius" (T, D / 2^L) fp16.
 // Kernel slots (kvexport.kernels.cache.kernel_constants): 0 = rotation, 1 = per level cos_l
@@ -96,7 +128,7 @@ bool polarCheck(Attrs const& a, std::string& err) {
     }
   return true;
 }
-bool polarWidth(Attrs const& a, int32_t, int32_t field, int64_t D, int64_t& w, std::string& err) {
+bool polarShape(Attrs const& a, int32_t, int32_t field, int64_t D, FieldShape& s, std::string& err) {
   std::vector<int32_t> const lb = polarLevelBits(a);
   int64_t const block = int64_t{1} << lb.size();
   if (D % block) {
@@ -105,22 +137,22 @@ bool polarWidth(Attrs const& a, int32_t, int32_t field, int64_t D, int64_t& w, s
   }
   int64_t bits = 0;
   for (size_t i = 0; i < lb.size(); ++i) bits += (D >> (i + 1)) * lb[i];
-  w = field == 0 ? packedBytes(bits, 1) : D / block;
+  s = perToken(field == 0 ? packedBytes(bits, 1) : D / block);
   return true;
 }
-KernelParams polarParams(Attrs const& a) {
+KernelParams polarParams(Attrs const& a, int64_t) {
   std::vector<int32_t> const lb = polarLevelBits(a);
   int32_t nib = 0;
   for (size_t i = 0; i < lb.size(); ++i) nib |= lb[i] << (4 * i);
   return {nib, 0, 0, static_cast<int32_t>(lb.size())};
 }
-size_t polarPackFloats(Attrs const& a) {
+size_t polarPackFloats(Attrs const& a, int64_t) {
   size_t n = 0;
   for (int32_t b : polarLevelBits(a)) n += 3 * (size_t{1} << b) - 1;  // cos + sin + boundaries
   return n;
 }
 // ONNX constant inputs: rotation, then per level codebook, boundaries, cos, sin.
-bool polarPack(Attrs const& a, float const* const* in, int64_t const* counts, int32_t n, float* ws,
+bool polarPack(Attrs const& a, float const* const* in, int64_t const* counts, int32_t n, int64_t D, float* ws,
                float const** slots, cudaStream_t s) {
   std::vector<int32_t> const lb = polarLevelBits(a);
   int32_t const L = static_cast<int32_t>(lb.size());
@@ -141,14 +173,206 @@ bool polarPack(Attrs const& a, float const* const* in, int64_t const* counts, in
   slots[0] = in[0];
   slots[1] = ws;
   slots[2] = ws + trig;
-  return static_cast<size_t>(trig + bnd) <= polarPackFloats(a);
+  return static_cast<size_t>(trig + bnd) <= polarPackFloats(a, D);
+}
+
+// ---- kivi (kivi/codec.py layout).  Keys per channel over groups of `group` tokens:
+// codes (floor(T/g)·g, ceil(D·b/8)) uint8, scale / zero (floor(T/g), D) fp16, residual
+// (T mod g, D) fp16.  Values per token over `value_group` channels: codes (T, ceil(D·b/8)),
+// scale / zero (T, D/vg).
+bool kiviCheck(Attrs const& a, std::string& err) {
+  int32_t const b = a.getInt("bits", 2), g = a.getInt("group", 32), vg = a.getInt("value_group", 32);
+  if (!oneOf(b, {2, 3, 4, 8})) {
+    err = "kivi.bits must be one of 2, 3, 4, 8 for the CUDA kernels, got " + std::to_string(b);
+    return false;
+  }
+  if (g < 1 || vg < 1) {
+    err = "kivi.group and kivi.value_group must be >= 1, got " + std::to_string(g) + " and " + std::to_string(vg);
+    return false;
+  }
+  return true;
+}
+bool kiviShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape& s, std::string& err) {
+  int32_t const b = a.getInt("bits", 2), g = a.getInt("group", 32), vg = a.getInt("value_group", 32);
+  if (role == 0) {
+    if (g * D > 48 * 1024) {
+      err = "kivi.group (" + std::to_string(g) + ") x head_dim (" + std::to_string(D) +
+            ") must be <= 49152 for the append kernel";
+      return false;
+    }
+    s = field == 0 ? shape(Rows::kGROUPED, g, {packedBytes(D, b)})
+        : field == 3 ? shape(Rows::kREST, g, {D}) : shape(Rows::kGROUPS, g, {D});
+    return true;
+  }
+  if (D % vg) {
+    err = "kivi.value_group (" + std::to_string(vg) + ") must divide head_dim " + std::to_string(D);
+    return false;
+  }
+  s = perToken(field == 0 ? packedBytes(D, b) : D / vg);
+  return true;
+}
+KernelParams kiviParams(Attrs const& a, int64_t) {
+  return {a.getInt("bits", 2), a.getInt("group", 32), a.getInt("value_group", 32), 0};
+}
+
+// ---- ternary (ternary/codec.py layout), key_axis = "channel" (the ops' key layout): keys
+// trits (floor(T/K)·K, Pk, ceil(D/5)) uint8, steps (floor(T/K), Pk, D) fp16, residual
+// (T mod K, D) fp16 (K = key_group); values trits (T, Pv, ceil(D/5)), steps (T, Pv, D/group).
+// Planes: key_planes / value_planes, else round(bits / 0.8) total split keys-first.
+int32_t ternaryPlanes(Attrs const& a, bool key) {
+  char const* name = key ? "key_planes" : "value_planes";
+  if (a.has(name)) return a.getInt(name, 0);
+  int32_t const total = static_cast<int32_t>(std::lround(a.getFloat("bits", 5.6f) / 0.8f));
+  return key ? (total + 1) / 2 : total / 2;
+}
+bool ternaryCheck(Attrs const& a, std::string& err) {
+  std::string const axis = strAttr(a, "key_axis", "channel");
+  if (axis != "channel") {
+    err = "ternary.key_axis must be 'channel' for the TensorRT plugins (the ops' key fields are the per-channel "
+          "trits, steps, residual), got '" + axis + "'";
+    return false;
+  }
+  int32_t const pk = ternaryPlanes(a, true), pv = ternaryPlanes(a, false);
+  if (pk < 1 || pk > 8 || pv < 1 || pv > 8) {
+    err = "ternary.key_planes / value_planes must be in [1, 8] for the CUDA kernels, got " + std::to_string(pk) +
+          " / " + std::to_string(pv);
+    return false;
+  }
+  if (a.getInt("group", 64) < 1 || a.getInt("key_group", 64) < 1) {
+    err = "ternary.group and ternary.key_group must be >= 1";
+    return false;
+  }
+  return true;
+}
+bool ternaryShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape& s, std::string& err) {
+  int64_t const nb = (D + 4) / 5;
+  if (role == 0) {
+    int32_t const k = a.getInt("key_group", 64), p = ternaryPlanes(a, true);
+    s = field == 0 ? shape(Rows::kGROUPED, k, {p, nb})
+        : field == 1 ? shape(Rows::kGROUPS, k, {p, D}) : shape(Rows::kREST, k, {D});
+    return true;
+  }
+  int32_t const g = a.getInt("group", 64), p = ternaryPlanes(a, false);
+  if (D % g) {
+    err = "ternary.group (" + std::to_string(g) + ") must divide head_dim " + std::to_string(D);
+    return false;
+  }
+  s = field == 0 ? shape(Rows::kTOKENS, 1, {p, nb}) : shape(Rows::kTOKENS, 1, {p, D / g});
+  return true;
+}
+KernelParams ternaryParams(Attrs const& a, int64_t) {
+  return {ternaryPlanes(a, true) | ternaryPlanes(a, false) << 8, a.getInt("key_group", 64), a.getInt("group", 64), 0};
+}
+
+// ---- qjl (qjl/codec.py layout), outliers > 0 (the ops' key layout): keys over complete
+// groups of `group` tokens: bits (·, m/8) uint8, norm (·) fp16, outlier_bits (·, m_o/8),
+// outlier_norm (·), outlier_idx (floor(T/g), o) uint8, residual (T mod g, D) fp16; values
+// kivi-style codes (T, ceil(D·vb/8)), scale / zero (T, D/vg).  m = qjl.m or bits·D.
+// Kernel slots: Sᵀ (D, m) and S_oᵀ (D, m_o), transposed from the ONNX constants S, S_o.
+bool qjlRows(Attrs const& a, int64_t D, int64_t& m, std::string& err) {
+  if (a.has("m")) {
+    m = a.getInt("m", 0);
+  } else {
+    double const x = static_cast<double>(a.getFloat("bits", 2.0f)) * static_cast<double>(D);
+    m = static_cast<int64_t>(std::lround(x));
+    if (std::fabs(x - static_cast<double>(m)) > 1e-6) m = -1;
+  }
+  if (m < 8 || m % 8 || m > 4096) {
+    err = "qjl.m (or qjl.bits x head_dim " + std::to_string(D) + ") must be a multiple of 8 in [8, 4096] for the "
+          "CUDA kernels";
+    return false;
+  }
+  return true;
+}
+bool qjlCheck(Attrs const& a, std::string& err) {
+  int32_t const o = a.getInt("outliers", 4), mo = a.getInt("outlier_m", 128), vb = a.getInt("value_bits", 2);
+  if (o < 1) {
+    err = "qjl.outliers must be >= 1 for the TensorRT plugins (the ops' key fields include the outlier groups), got " +
+          std::to_string(o);
+    return false;
+  }
+  if (mo < 8 || mo % 8 || mo > 4096) {
+    err = "qjl.outlier_m must be a multiple of 8 in [8, 4096] for the CUDA kernels, got " + std::to_string(mo);
+    return false;
+  }
+  if (!oneOf(vb, {2, 3, 4, 8})) {
+    err = "qjl.value_bits must be one of 2, 3, 4, 8 for the CUDA kernels, got " + std::to_string(vb);
+    return false;
+  }
+  if (a.getInt("group", 32) < 1 || a.getInt("value_group", 32) < 1) {
+    err = "qjl.group and qjl.value_group must be >= 1";
+    return false;
+  }
+  return true;
+}
+bool qjlShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape& s, std::string& err) {
+  if (role == 0) {
+    int64_t m = 0;
+    int32_t const o = a.getInt("outliers", 4), g = a.getInt("group", 32);
+    if (!qjlRows(a, D, m, err)) return false;
+    if (o >= D) {
+      err = "qjl.outliers (" + std::to_string(o) + ") must be < head_dim " + std::to_string(D);
+      return false;
+    }
+    switch (field) {
+      case 0: s = shape(Rows::kGROUPED, g, {m / 8}); break;
+      case 2: s = shape(Rows::kGROUPED, g, {a.getInt("outlier_m", 128) / 8}); break;
+      case 1: case 3: s = shape(Rows::kGROUPED, g, {}); break;
+      case 4: s = shape(Rows::kGROUPS, g, {o}); break;
+      default: s = shape(Rows::kREST, g, {D});
+    }
+    return true;
+  }
+  int32_t const vg = a.getInt("value_group", 32);
+  if (D % vg) {
+    err = "qjl.value_group (" + std::to_string(vg) + ") must divide head_dim " + std::to_string(D);
+    return false;
+  }
+  s = perToken(field == 0 ? packedBytes(D, a.getInt("value_bits", 2)) : D / vg);
+  return true;
+}
+KernelParams qjlParams(Attrs const& a, int64_t D) {
+  int64_t m = 0;
+  std::string err;
+  if (!qjlRows(a, D, m, err)) m = 0;  // the launchers refuse m = 0 by name
+  return {a.getInt("value_bits", 2) | a.getInt("outliers", 4) << 8, a.getInt("group", 32),
+          a.getInt("value_group", 32), static_cast<int32_t>(m) | a.getInt("outlier_m", 128) << 16};
+}
+size_t qjlPackFloats(Attrs const& a, int64_t D) {
+  int64_t m = 0;
+  std::string err;
+  if (!qjlRows(a, D, m, err)) return 0;
+  return static_cast<size_t>(D * (m + a.getInt("outlier_m", 128)));
+}
+// ONNX constant inputs: sketch S (m, D), outlier_sketch S_o (m_o, D).
+bool qjlPack(Attrs const& a, float const* const* in, int64_t const* counts, int32_t n, int64_t D, float* ws,
+             float const** slots, cudaStream_t s) {
+  if (n != 2 || D <= 0 || counts[0] % D || counts[1] % D ||
+      static_cast<size_t>(counts[0] + counts[1]) > qjlPackFloats(a, D))
+    return false;
+  if (transposeFloat(in[0], ws, counts[0] / D, D, s) != cudaSuccess ||
+      transposeFloat(in[1], ws + counts[0], counts[1] / D, D, s) != cudaSuccess)
+    return false;
+  slots[0] = ws;
+  slots[1] = ws + counts[0];
+  return true;
+}
+int64_t qjlDecodeExtra(Attrs const& a, int64_t D) {
+  int64_t m = 0;
+  std::string err;
+  return qjlRows(a, D, m, err) ? m : 0;
 }
 
 CodecImpl const kCodecs[] = {
-    {"fp16", fp16Check, fp16Width, fp16Params, kvx_fp16_append, kvx_fp16_decode, nullptr, nullptr},
-    {"turbo", turboCheck, turboWidth, turboParams, kvx_turbo_append, kvx_turbo_decode, nullptr, nullptr},
-    {"fibquant", fibCheck, fibWidth, fibParams, kvx_fibquant_append, kvx_fibquant_decode, nullptr, nullptr},
-    {"polar", polarCheck, polarWidth, polarParams, kvx_polar_append, kvx_polar_decode, polarPackFloats, polarPack},
+    {"fp16", fp16Check, fp16Shape, fp16Params, kvx_fp16_append, kvx_fp16_decode, nullptr, nullptr, nullptr},
+    {"turbo", turboCheck, turboShape, turboParams, kvx_turbo_append, kvx_turbo_decode, nullptr, nullptr, nullptr},
+    {"fibquant", fibCheck, fibShape, fibParams, kvx_fibquant_append, kvx_fibquant_decode, nullptr, nullptr, nullptr},
+    {"polar", polarCheck, polarShape, polarParams, kvx_polar_append, kvx_polar_decode, polarPackFloats, polarPack,
+     nullptr},
+    {"kivi", kiviCheck, kiviShape, kiviParams, kvx_kivi_append, kvx_kivi_decode, nullptr, nullptr, nullptr},
+    {"ternary", ternaryCheck, ternaryShape, ternaryParams, kvx_ternary_append, kvx_ternary_decode, nullptr, nullptr,
+     nullptr},
+    {"qjl", qjlCheck, qjlShape, qjlParams, kvx_qjl_append, kvx_qjl_decode, qjlPackFloats, qjlPack, qjlDecodeExtra},
 };
 
 }  // namespace

@@ -14,6 +14,8 @@
 using namespace nvinfer1;
 
 extern "C" char const* kvx_last_error();  // plugins/common/kvx_errors.cu
+extern "C" int32_t kvx_num_splits(int32_t batch, int32_t kvHeads, int32_t tokens, int32_t headDim,
+                                  int32_t sms);  // plugins/common/kvx_splits.cu
 
 namespace kvx {
 namespace trt {
@@ -29,7 +31,9 @@ namespace {
 
 ILoggerFinder* gLoggerFinder = nullptr;
 
-constexpr int32_t kMAX_SPLITS = 16;
+// Multiprocessor count no GPU reaches: kvx_num_splits then returns its token bound, the most
+// splits any device can get (sizes the workspace at build time, when the device is unknown).
+constexpr int32_t kANY_SMS = 1 << 20;
 constexpr int32_t kMAX_CONST_INPUTS = 32;
 constexpr size_t kALIGN = 256;
 
@@ -63,12 +67,15 @@ KvxField field(void const* ptr, Dims const& d, DataType t) {
 }
 
 int32_t splitsFor(int64_t batch, int64_t kvHeads, int64_t tokens, int64_t headDim, int32_t sms) {
-  // Same rule as kvexport.kernels.num_splits_for: ~4 blocks per SM, each >= 8 token tiles.
-  int64_t const tile = headDim <= 64 ? 64 : headDim <= 128 ? 32 : 16;
-  int64_t const rows = std::max<int64_t>(1, batch * kvHeads);
-  int64_t const per = std::max<int64_t>(1, (4 * std::max(sms, 1) + rows - 1) / rows);
-  int64_t const byLen = std::max<int64_t>(1, (std::max<int64_t>(1, tokens) + 8 * tile - 1) / (8 * tile));
-  return static_cast<int32_t>(std::min<int64_t>({per, byLen, kMAX_SPLITS}));
+  return kvx_num_splits(static_cast<int32_t>(batch), static_cast<int32_t>(kvHeads), static_cast<int32_t>(tokens),
+                        static_cast<int32_t>(headDim), sms);
+}
+
+// fp32 decode workspace of one launch: the kernels' q + partials, then the codec's extra
+// floats per (row, q head); bytes, aligned.
+size_t decodeBytes(CodecImpl const& c, Attrs const& a, int64_t rows, int64_t hq, int64_t D, int32_t splits) {
+  int64_t const extra = c.decodeExtraFloats ? c.decodeExtraFloats(a, D) : 0;
+  return alignUp(decodeWorkspaceBytes(rows, hq, D, splits) + sizeof(float) * static_cast<size_t>(rows * hq * extra));
 }
 
 }  // namespace
@@ -184,18 +191,28 @@ int32_t KvxPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, Di
     return -1;
   }
   int64_t const D = inputs[0].d[3]->getConstantValue();
+  IDimensionExpr const* T = inputs[0].d[2];
   for (int32_t i = 0; i < nbOutputs; ++i) {
-    int64_t width = 0;
+    FieldShape f;
     std::string err;
-    if (!mOp.outputs[i].tokenAxis || !mCodec.fieldWidth(mAttrs, mOp.role, i, D, width, err)) {
-      logError(std::string(mOp.name) + ": " + (err.empty() ? "token-group fields are not supported" : err));
+    if (!mCodec.fieldShape(mAttrs, mOp.role, i, D, f, err)) {
+      logError(std::string(mOp.name) + ": " + err);
       return -1;
     }
-    outputs[i].nbDims = 4;
+    // Token-group rows: floor(T / g) groups, their floor(T / g)·g tokens, the T mod g residual.
+    IDimensionExpr const* rows = T;
+    if (f.rows != Rows::kTOKENS) {
+      IDimensionExpr const* g = eb.constant(f.group);
+      IDimensionExpr const* groups = eb.operation(DimensionOperation::kFLOOR_DIV, *T, *g);
+      IDimensionExpr const* grouped = eb.operation(DimensionOperation::kPROD, *groups, *g);
+      rows = f.rows == Rows::kGROUPS ? groups : f.rows == Rows::kGROUPED ? grouped
+                                                : eb.operation(DimensionOperation::kSUB, *T, *grouped);
+    }
+    outputs[i].nbDims = 3 + f.nbTrail;
     outputs[i].d[0] = inputs[0].d[0];
     outputs[i].d[1] = inputs[0].d[1];
-    outputs[i].d[2] = inputs[0].d[2];
-    outputs[i].d[3] = eb.constant(width);
+    outputs[i].d[2] = rows;
+    for (int32_t k = 0; k < f.nbTrail; ++k) outputs[i].d[3 + k] = eb.constant(f.trail[k]);
   }
   return 0;
 }
@@ -239,13 +256,23 @@ int32_t KvxPlugin::configurePlugin(DynamicPluginTensorDesc const* in, int32_t nb
 size_t KvxPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const*,
                                    int32_t) const noexcept {
   Dims const& x = in[0].max;
-  int64_t const B = x.d[0];
-  size_t const pack = mCodec.packFloats ? alignUp(sizeof(float) * mCodec.packFloats(mAttrs)) : 0;
-  if (mOp.kind == OpKind::kENCODE) return pack + alignUp(static_cast<size_t>(B) * sizeof(int32_t));
-  int64_t const hq = x.d[1], tq = x.d[2], D = x.d[3];
-  // Per launch the kernels see max(B, Tq) rows (see enqueueAttention).
+  int64_t const B = x.d[0], D = x.d[3];
+  size_t const pack = mCodec.packFloats ? alignUp(sizeof(float) * mCodec.packFloats(mAttrs, D)) : 0;
+  if (mOp.kind == OpKind::kENCODE) {
+    // lens, the constants' packing, and the kernels' (g, D) fp16 residual ring per (b, h).
+    int32_t group = 0;
+    size_t const ring = residualField(D, group) >= 0
+                            ? alignUp(2 * static_cast<size_t>(B * x.d[1] * group * D)) : 0;
+    return alignUp(static_cast<size_t>(B) * sizeof(int32_t)) + pack + ring;
+  }
+  int64_t const hq = x.d[1], tq = x.d[2];
+  // A launch has at most B·Tq query rows (B sequences × Tq, or Tq per sequence) and max(B, Tq)
+  // lengths (see enqueueAttention); splits are at most kvx_num_splits' token bound for the
+  // profile's longest cache + window.
   int64_t const rows = std::max(B, tq);
-  size_t ws = alignUp(decodeWorkspaceBytes(rows, hq, D, kMAX_SPLITS));
+  int32_t const firstV = 1 + mOp.nbKeyFields, afterV = firstV + mOp.nbValueFields;
+  int64_t const tokens = in[firstV].max.d[2] + (hasWindow(nbInputs) ? in[afterV].max.d[2] : 0);
+  size_t ws = decodeBytes(mCodec, mAttrs, B * tq, hq, D, splitsFor(rows, 1, tokens, D, kANY_SMS));
   ws += 2 * alignUp(sizeof(int32_t) * static_cast<size_t>(rows));
   if (in[0].desc.type == DataType::kFLOAT) ws += 2 * alignUp(2 * static_cast<size_t>(B * hq * tq * D));
   return ws + pack;
@@ -293,8 +320,8 @@ int32_t KvxPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc c
                                      : enqueueAttention(inputDesc, outputDesc, inputs, outputs, workspace, stream);
 }
 
-bool KvxPlugin::constSlots(PluginTensorDesc const* desc, void const* const* in, float* ws, float const** slots,
-                           cudaStream_t stream) const noexcept {
+bool KvxPlugin::constSlots(PluginTensorDesc const* desc, void const* const* in, int64_t D, float* ws,
+                           float const** slots, cudaStream_t stream) const noexcept {
   if (!mCodec.pack) {
     for (int32_t i = 0; i < mOp.nbConsts && i < KVX_MAX_CONSTS; ++i) slots[i] = static_cast<float const*>(in[i]);
     return true;
@@ -302,10 +329,24 @@ bool KvxPlugin::constSlots(PluginTensorDesc const* desc, void const* const* in, 
   int64_t counts[kMAX_CONST_INPUTS];  // enqueue allocates nothing, not even on the host
   if (mOp.nbConsts > kMAX_CONST_INPUTS) return false;
   for (int32_t i = 0; i < mOp.nbConsts; ++i) counts[i] = volume(desc[i].dims);
-  if (mCodec.pack(mAttrs, reinterpret_cast<float const* const*>(in), counts, mOp.nbConsts, ws, slots, stream))
+  if (mCodec.pack(mAttrs, reinterpret_cast<float const* const*>(in), counts, mOp.nbConsts, D, ws, slots, stream))
     return true;
   logError(std::string(mOp.name) + ": packing the codec constants failed");
   return false;
+}
+
+int32_t KvxPlugin::residualField(int64_t D, int32_t& group) const noexcept {
+  int32_t const nKey = mOp.kind == OpKind::kENCODE ? (mOp.role == 0 ? mOp.nbOutputs : 0) : mOp.nbKeyFields;
+  for (int32_t i = 0; i < nKey; ++i) {
+    FieldShape f;
+    std::string err;
+    if (mCodec.fieldShape(mAttrs, 0, i, D, f, err) && f.rows == Rows::kREST) {
+      group = f.group;
+      return i;
+    }
+  }
+  group = 0;
+  return -1;
 }
 
 int32_t KvxPlugin::launched(int rc) const noexcept {
@@ -314,15 +355,25 @@ int32_t KvxPlugin::launched(int rc) const noexcept {
   return -1;
 }
 
-// Encode x (B, Hkv, T, D) into fresh packed buffers: the append kernel at lens = 0.
+// Encode x (B, Hkv, T, D) into fresh packed buffers: the append kernel at lens = 0.  Grouped
+// key layouts (kivi, ternary, qjl): x is the previous residual ++ the new tokens; the kernel
+// writes the complete groups into the outputs and the newest T mod g keys into its (g, D)
+// residual ring (row t mod g), here in the workspace; those rows 0 .. T mod g - 1 are then
+// copied into the residual output (T mod g, D).
 int32_t KvxPlugin::enqueueEncode(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
                                  void const* const* inputs, void* const* outputs, void* workspace,
                                  cudaStream_t stream) noexcept {
   Dims const& x = inputDesc[0].dims;
   if (volume(x) == 0) return 0;
-  auto* lens = static_cast<int32_t*>(workspace);
+  int64_t const D = x.d[3];
+  auto* base = static_cast<char*>(workspace);
+  auto* lens = reinterpret_cast<int32_t*>(base);
+  size_t off = alignUp(sizeof(int32_t) * x.d[0]);
   if (cudaMemsetAsync(lens, 0, sizeof(int32_t) * x.d[0], stream) != cudaSuccess) return -1;
-  float* packWs = reinterpret_cast<float*>(static_cast<char*>(workspace) + alignUp(sizeof(int32_t) * x.d[0]));
+  float* packWs = reinterpret_cast<float*>(base + off);
+  off += mCodec.packFloats ? alignUp(sizeof(float) * mCodec.packFloats(mAttrs, D)) : 0;
+  int32_t group = 0;
+  int32_t const res = residualField(D, group);
   KvxAppendArgs a{};
   a.batch = static_cast<int32_t>(x.d[0]);
   a.kv_heads = static_cast<int32_t>(x.d[1]);
@@ -337,16 +388,35 @@ int32_t KvxPlugin::enqueueEncode(PluginTensorDesc const* inputDesc, PluginTensor
   a.role = mOp.role;
   for (int32_t i = 0; i < mOp.nbOutputs && i < KVX_MAX_FIELDS; ++i)
     a.f[i] = field(outputs[i], outputDesc[i].dims, outputDesc[i].type);
-  if (!constSlots(inputDesc + 1, inputs + 1, packWs, a.consts, stream)) return -1;
-  KernelParams const p = mCodec.params(mAttrs);
+  void* ring = base + off;
+  if (res >= 0) {  // the kernel's ring: (B, H, g, D) fp16
+    a.f[res].ptr = ring;
+    a.f[res].sT = 2 * D;
+    a.f[res].sH = group * a.f[res].sT;
+    a.f[res].sB = x.d[1] * a.f[res].sH;
+  }
+  if (!constSlots(inputDesc + 1, inputs + 1, D, packWs, a.consts, stream)) return -1;
+  KernelParams const p = mCodec.params(mAttrs, D);
   a.bits = p.bits; a.group = p.group; a.value_group = p.valueGroup; a.block = p.block;
-  return launched(mCodec.append(&a, stream));
+  if (launched(mCodec.append(&a, stream)) != 0) return -1;
+  int64_t const rest = res >= 0 ? outputDesc[res].dims.d[2] : 0;
+  if (rest > 0 && cudaMemcpy2DAsync(outputs[res], 2 * rest * D, ring, 2 * group * D, 2 * rest * D, x.d[0] * x.d[1],
+                                    cudaMemcpyDeviceToDevice, stream) != cudaSuccess) {
+    logError(std::string(mOp.name) + ": copying the residual failed");
+    return -1;
+  }
+  return 0;
 }
 
-// Attention of q (B, Hq, Tq, D) over the packed cache (Tc tokens) + optional fp16 window (W tokens).
-// The decode kernel takes one query per sequence; query i sits at position Tc + W - Tq + i, so for
-// Tq > 1 each sequence b is one launch whose "batch" rows are its Tq queries over the same cache
-// (cache strides sB = 0) with per-row visible lengths.
+// Attention of q (B, Hq, Tq, D) over the packed cache (Tc tokens) + optional fp16 window (W tokens);
+// query i sits at position Tc + W - Tq + i.  Decode (Tq = 1) and causal prompts are one launch:
+// KvxDecodeArgs.q_tokens = Tq, every sequence at its full length, the kernels mask each query
+// causally.  A non-causal prompt (every query sees everything) is one launch per sequence b whose
+// "batch" rows are its Tq queries over the same cache (cache strides sB = 0).  Tc is the value
+// fields' token count (values are per token in every codec); grouped key layouts hold
+// floor(Tc/g)·g grouped keys + the Tc mod g residual, which the kernels read at row t mod g (the
+// split point is floor(len/g)·g of the length passed, always Tc here): the ONNX residual tensor is
+// passed as it comes.
 int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
                                     void const* const* inputs, void* const* outputs, void* workspace,
                                     cudaStream_t stream) noexcept {
@@ -356,13 +426,18 @@ int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTen
   int32_t const firstK = 1, firstV = 1 + mOp.nbKeyFields, afterV = firstV + mOp.nbValueFields;
   bool const window = hasWindow(mNbInputs);
   int32_t const firstC = afterV + (window ? 2 : 0);
-  int64_t const tc = inputDesc[firstK].dims.d[2];
+  int64_t const tc = inputDesc[firstV].dims.d[2];
   int64_t const W = window ? inputDesc[afterV].dims.d[2] : 0;
   bool const causal = mAttrs.getInt("causal", 1) != 0;
-  int64_t const rows = tq == 1 ? B : tq;
+  bool const perSequence = tq > 1 && !causal;  // one launch per sequence, Tq rows
+  int64_t const rows = perSequence ? tq : B;    // kernel batch (lengths entries)
+  int32_t const hkv = static_cast<int32_t>(inputDesc[firstK].dims.d[1]);
+  // Query rows of a kv head are G·Tq, in tiles of 16 (as kvexport.kernels.decode_attention).
+  int64_t const rowTiles = perSequence ? 1 : (hq / std::max(hkv, 1) * tq + 15) / 16;
+  int32_t const splits = splitsFor(rows, hkv * rowTiles, tc + W, D, mSmCount);
 
   auto* base = static_cast<char*>(workspace);
-  size_t off = alignUp(decodeWorkspaceBytes(rows, hq, D, kMAX_SPLITS));
+  size_t off = decodeBytes(mCodec, mAttrs, perSequence ? tq : B * tq, hq, D, splits);
   auto* ws = reinterpret_cast<float*>(base);
   auto* lens = reinterpret_cast<int32_t*>(base + off);
   off += alignUp(sizeof(int32_t) * rows);
@@ -380,13 +455,14 @@ int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTen
     qPtr = q16;
     qCode = 0;
   }
+  // Every launch row sees the whole cache and window (causality, if any, is the kernels' q_tokens mask).
   if (fillVisibleLens(lens, winLens, static_cast<int32_t>(rows), static_cast<int32_t>(tc), static_cast<int32_t>(W),
-                      static_cast<int32_t>(tq), causal, tq > 1, stream) != cudaSuccess)
+                      static_cast<int32_t>(tq), false, false, stream) != cudaSuccess)
     return -1;
 
   KvxDecodeArgs a{};
   a.q_heads = static_cast<int32_t>(hq);
-  a.kv_heads = static_cast<int32_t>(inputDesc[firstK].dims.d[1]);
+  a.kv_heads = hkv;
   a.head_dim = static_cast<int32_t>(D);
   a.q_dtype = qCode;
   a.lens = lens;
@@ -394,10 +470,12 @@ int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTen
   a.win_lens = winLens;
   a.win_max = static_cast<int32_t>(W);
   float* packWs = reinterpret_cast<float*>(base + off);
-  if (!constSlots(inputDesc + firstC, inputs + firstC, packWs, a.consts, stream)) return -1;
-  KernelParams const p = mCodec.params(mAttrs);
+  if (!constSlots(inputDesc + firstC, inputs + firstC, D, packWs, a.consts, stream)) return -1;
+  KernelParams const p = mCodec.params(mAttrs, D);
   a.bits = p.bits; a.group = p.group; a.value_group = p.valueGroup; a.block = p.block;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.softcap = mAttrs.getFloat("softcap", 0);
+  a.sliding_window = mAttrs.getInt("sliding_window", 0);
   a.workspace = ws;
   size_t const actBytes = qCode == 2 ? 4 : 2;
 
@@ -409,20 +487,21 @@ int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTen
   Dims const wd = window ? inputDesc[afterV].dims : Dims{};
   int64_t const wsT = window ? wd.d[3] : 0, wsH = window ? wd.d[2] * wsT : 0, wsB = window ? wd.d[1] * wsH : 0;
 
-  if (tq == 1) {
+  if (!perSequence) {
     a.batch = static_cast<int32_t>(B);
-    a.q = qPtr; a.q_sB = hq * D; a.q_sH = D;
-    a.out = oPtr; a.o_sB = hq * D; a.o_sH = D;
+    a.q_tokens = static_cast<int32_t>(tq);
+    a.q = qPtr; a.q_sB = hq * tq * D; a.q_sH = tq * D; a.q_sT = D;
+    a.out = oPtr; a.o_sB = hq * tq * D; a.o_sH = tq * D; a.o_sT = D;
     std::copy(kf, kf + KVX_MAX_FIELDS, a.k);
     std::copy(vf, vf + KVX_MAX_FIELDS, a.v);
     if (window) { a.win_k = inputs[afterV]; a.win_v = inputs[afterV + 1]; a.w_sB = wsB; a.w_sH = wsH; a.w_sT = wsT; }
-    a.num_splits = splitsFor(B, a.kv_heads, tc + W, D, mSmCount);
+    a.num_splits = splits;
     if (launched(mCodec.decode(&a, stream)) != 0) return -1;
   } else {
     a.batch = static_cast<int32_t>(tq);
     a.q_sB = D; a.q_sH = tq * D;
     a.o_sB = D; a.o_sH = tq * D;
-    a.num_splits = splitsFor(tq, a.kv_heads, tc + W, D, mSmCount);
+    a.num_splits = splits;
     for (int64_t b = 0; b < B; ++b) {
       a.q = static_cast<char const*>(qPtr) + b * hq * tq * D * actBytes;
       a.out = static_cast<char*>(oPtr) + b * hq * tq * D * actBytes;

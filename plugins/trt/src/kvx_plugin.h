@@ -82,22 +82,37 @@ struct KernelParams {
   int32_t bits{0}, group{0}, valueGroup{0}, block{0};
 };
 
-// What a codec with CUDA kernels provides.  fieldWidth: trailing dim of packed field
-// `field` of `role` for head_dim D (fields are (B, H, T, width)).  Returns false and
-// fills `err` when the attributes are out of the kernels' range.
+// Rows (axis 2) of a packed field for T tokens: every token, the tokens of complete groups
+// (floor(T/g)·g), one row per complete group (floor(T/g)), or the fp16 residual of the
+// incomplete group (T mod g; the kernels keep it as a (g, D) ring, row t mod g).
+enum class Rows : int32_t { kTOKENS = 0, kGROUPED = 1, kGROUPS = 2, kREST = 3 };
+
+// Shape of packed field (B, H, rows, trail...) as the codec's Python ``layout``.
+struct FieldShape {
+  Rows rows{Rows::kTOKENS};
+  int32_t group{1};    // g of kGROUPED / kGROUPS / kREST
+  int32_t nbTrail{1};  // 0 (e.g. qjl norm (B, H, T)), 1 or 2 trailing dims
+  int64_t trail[2]{0, 0};
+};
+
+// What a codec with CUDA kernels provides.  fieldShape: shape of packed field `field` of
+// `role` for head_dim D.  Returns false and fills `err` when the attributes are out of the
+// kernels' range.
 struct CodecImpl {
   char const* codec;
   bool (*check)(Attrs const& a, std::string& err);
-  bool (*fieldWidth)(Attrs const& a, int32_t role, int32_t field, int64_t D, int64_t& width, std::string& err);
-  KernelParams (*params)(Attrs const& a);
+  bool (*fieldShape)(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape& s, std::string& err);
+  KernelParams (*params)(Attrs const& a, int64_t D);
   int (*append)(KvxAppendArgs const* args, cudaStream_t s);
   int (*decode)(KvxDecodeArgs const* args, cudaStream_t s);
   // Optional: the kernels' constant slots built from the ONNX constant inputs (null: input i
-  // is slot i).  packFloats = fp32 workspace the packing needs; pack fills `slots` with
-  // device-to-device copies on `s` and returns false with `err` on bad attributes.
-  size_t (*packFloats)(Attrs const& a);
-  bool (*pack)(Attrs const& a, float const* const* in, int64_t const* counts, int32_t n, float* ws,
+  // is slot i).  packFloats = fp32 workspace the packing needs; pack fills `slots` on `s`
+  // (device-to-device copies / transposes) and returns false on inputs it cannot use.
+  size_t (*packFloats)(Attrs const& a, int64_t D);
+  bool (*pack)(Attrs const& a, float const* const* in, int64_t const* counts, int32_t n, int64_t D, float* ws,
                float const** slots, cudaStream_t s);
+  // Optional: fp32 decode workspace per (query row, q head) after the kernels' partials (qjl: S q).
+  int64_t (*decodeExtraFloats)(Attrs const& a, int64_t D);
 };
 
 CodecImpl const* findCodec(char const* codec);
@@ -158,8 +173,10 @@ class KvxPlugin : public nvinfer1::IPluginV3,
                            cudaStream_t stream) noexcept;
 
   int32_t launched(int rc) const noexcept;  // logs the kernels' last error message
-  bool constSlots(nvinfer1::PluginTensorDesc const* desc, void const* const* in, float* ws, float const** slots,
-                  cudaStream_t stream) const noexcept;
+  bool constSlots(nvinfer1::PluginTensorDesc const* desc, void const* const* in, int64_t D, float* ws,
+                  float const** slots, cudaStream_t stream) const noexcept;
+  // The key field holding the fp16 residual of an incomplete token group (-1: none) and its group.
+  int32_t residualField(int64_t D, int32_t& group) const noexcept;
 
   OpDef const& mOp;
   CodecImpl const& mCodec;

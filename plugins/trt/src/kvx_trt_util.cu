@@ -1,5 +1,5 @@
 // Small device helpers of the plugin shells (no codec math): per-query visible lengths
-// for the decode kernel, and fp32 <-> fp16 staging of activations.
+// for the decode kernel, fp32 <-> fp16 staging of activations and an fp32 transpose.
 #include <cuda_fp16.h>
 
 #include "decode_attention.cuh"
@@ -31,6 +31,14 @@ __global__ void kvxF16ToF32(__half const* in, float* out, int64_t n) {
     out[i] = __half2float(in[i]);
 }
 
+__global__ void kvxTranspose(float const* in, float* out, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t c = i / rows, r = i - c * rows;  // out[c][r]: coalesced writes
+    out[i] = in[r * cols + c];
+  }
+}
+
 int blocksFor(int64_t n) { return static_cast<int>(n / 256 + 1 < 4096 ? n / 256 + 1 : 4096); }
 
 }  // namespace
@@ -53,6 +61,11 @@ cudaError_t castFloatToHalf(void const* in, void* out, int64_t n, cudaStream_t s
 
 cudaError_t castHalfToFloat(void const* in, void* out, int64_t n, cudaStream_t s) {
   kvxF16ToF32<<<blocksFor(n), 256, 0, s>>>(static_cast<__half const*>(in), static_cast<float*>(out), n);
+  return cudaGetLastError();
+}
+
+cudaError_t transposeFloat(float const* in, float* out, int64_t rows, int64_t cols, cudaStream_t s) {
+  kvxTranspose<<<blocksFor(rows * cols), 256, 0, s>>>(in, out, rows, cols);
   return cudaGetLastError();
 }
 
