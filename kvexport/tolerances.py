@@ -43,13 +43,18 @@ _DEFAULT: dict[tuple[str, str], Tol] = {
     ("codes", "float32"): Tol(1e-3),
     ("codes", "float16"): Tol(1e-3),
     ("codes", "bfloat16"): Tol(1e-3),
-    # perplexity, kernel path vs reference path (tests/gpu/test_model_kernels_gpu.py): the kernels
-    # round dequantized K/V, q/max|q| and P to fp16 (fp32 sums) and may flip a code at a cell
-    # boundary (``codes``); over 30 layers that moves the NLL by well under 1% (fp16 model). A bf16
-    # model's residual stream amplifies the rounding differences, hence twice the bound.
-    ("ppl", "float32"): Tol(0.0, 1e-2),
-    ("ppl", "float16"): Tol(0.0, 1e-2),
-    ("ppl", "bfloat16"): Tol(0.0, 2e-2),
+    # perplexity, kernel path vs reference path on the same windows (tests/gpu/test_model_kernels_gpu.py;
+    # default model, 2 windows x 256 tokens, H100, 2026-11-22).  With the exact fp16 codec the paths
+    # agree to 1.3e-4 (fp16 model) / 3.0e-3 (bf16): the attention arithmetic matches.  With a
+    # quantizing codec the paths see K/V that differ by a few ulp (GEMM order, fp16 rounding of
+    # dequantized tiles), a value near a cell boundary gets the neighbouring code, and 30 layers
+    # amplify each flip (the same chaos torch <-> onnxruntime shows, docs/bench_export_default.md):
+    # measured |Δppl|/ppl 0.5–3.7 % (fp16 model) and 0.06–5.1 % (bf16) over 6 codecs, both signs.
+    # The bound is that spread, not an accuracy claim; the per-layer attention is checked tightly
+    # against the reference on fixed packed bytes (tests/gpu/test_kernels_gpu.py, rel 2e-3).
+    ("ppl", "float32"): Tol(0.0, 6e-2),
+    ("ppl", "float16"): Tol(0.0, 6e-2),
+    ("ppl", "bfloat16"): Tol(0.0, 6e-2),
 }
 
 # Packed codes, torch ↔ onnxruntime (measured, docs/bench_export_default.md): every reference
@@ -72,6 +77,9 @@ _CODEC: dict[tuple[str, str, str], Tol] = {
     ("fp16", "codes", "float32"): Tol(0.0),
     ("fp16", "codes", "float16"): Tol(0.0),
     ("fp16", "codes", "bfloat16"): Tol(0.0),
+    ("fp16", "ppl", "float32"): Tol(0.0, 1e-3),     # nothing to flip: measured 1.3e-4 (fp16 model)
+    ("fp16", "ppl", "float16"): Tol(0.0, 1e-3),
+    ("fp16", "ppl", "bfloat16"): Tol(0.0, 1e-2),    # measured 3.0e-3
 }
 
 

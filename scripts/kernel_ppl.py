@@ -56,6 +56,24 @@ def main(argv=None) -> int:
     wins = text_windows(lm, read_text(None), a.windows, a.window_len)
     decode_from = a.decode_from or max(1, a.window_len // 2)
     rows = []
+
+    def write():  # after every row: a run stopped by a time limit keeps what it measured
+        rep = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=lm.name,
+                   windows=int(len(wins)), window_len=a.window_len, decode_from=decode_from,
+                   text="default (exllamav2 wiki.utf8, English Wikipedia)", rows=rows, environment=collect())
+        (out / "kernel_ppl.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+        md = [f"# Perplexity: torch reference vs CUDA kernels — {lm.name}", "",
+              f"{rep['windows']} windows × {a.window_len} tokens of the default text; each window: prefill of "
+              f"{decode_from} tokens, then {a.window_len - decode_from} teacher-forced one-token decode steps, on "
+              f"both paths. ms/token: wall time of the model forward (synchronized) per predicted token. "
+              f"{rep['date']}, {torch.cuda.get_device_name()}.", "",
+              "| dtype | codec spec | bits/coord | ppl reference | ppl kernels | rel. diff | tolerance | "
+              "ms/token reference | ms/token kernels |", "|---|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['dtype']} | {r['spec']} | {r['bits_per_coordinate']:.3f} | {r['ppl_reference']:.4f} | "
+               f"{r['ppl_kernels']:.4f} | {r['rel_diff']:.2e} | {'≤' if r['ok'] else '>'} {r['tolerance']:g} | "
+               f"{r['ms_per_token_reference']:.2f} | {r['ms_per_token_kernels']:.2f} |" for r in rows]
+        (out / "kernel_ppl.md").write_text("\n".join(md) + "\n")
+
     for dt in a.dtypes:
         dtype = getattr(torch, dt)
         if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -77,21 +95,8 @@ def main(argv=None) -> int:
             print(f"{dt:9s} {spec:22s} ppl ref {ref.ppl:9.4f} kernels {ker.ppl:9.4f} rel {rel:.2e} "
                   f"({'ok' if r['ok'] else 'OVER ' + str(tol)})  ms/token ref {r['ms_per_token_reference']:.2f} "
                   f"kernels {r['ms_per_token_kernels']:.2f}", flush=True)
-    rep = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), model=lm.name,
-               windows=int(len(wins)), window_len=a.window_len, decode_from=decode_from,
-               text="default (exllamav2 wiki.utf8, English Wikipedia)", rows=rows, environment=collect())
-    (out / "kernel_ppl.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    md = [f"# Perplexity: torch reference vs CUDA kernels — {lm.name}", "",
-          f"{rep['windows']} windows × {a.window_len} tokens of the default text; each window: prefill of "
-          f"{decode_from} tokens, then {a.window_len - decode_from} teacher-forced one-token decode steps, on "
-          f"both paths. ms/token: wall time of the model forward (synchronized) per predicted token. "
-          f"{rep['date']}, {torch.cuda.get_device_name()}.", "",
-          "| dtype | codec spec | bits/coord | ppl reference | ppl kernels | rel. diff | tolerance | "
-          "ms/token reference | ms/token kernels |", "|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['dtype']} | {r['spec']} | {r['bits_per_coordinate']:.3f} | {r['ppl_reference']:.4f} | "
-           f"{r['ppl_kernels']:.4f} | {r['rel_diff']:.2e} | {'≤' if r['ok'] else '>'} {r['tolerance']:g} | "
-           f"{r['ms_per_token_reference']:.2f} | {r['ms_per_token_kernels']:.2f} |" for r in rows]
-    (out / "kernel_ppl.md").write_text("\n".join(md) + "\n")
+            write()
+    write()
     print(f"wrote {out / 'kernel_ppl.json'}, {out / 'kernel_ppl.md'}")
     return 0 if all(r["ok"] for r in rows) else 1
 

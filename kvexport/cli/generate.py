@@ -19,7 +19,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
     from ..codecs import get
     from ..codecs._core.params import parse_spec
     from ..models.cache import LayerPlan, parse_overrides

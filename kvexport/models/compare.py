@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import codecs
-from ..codecs._core.params import as_dict
 from .cache import LayerPlan, parse_overrides
 from .evaluate import baseline, evaluate, result_row, text_windows
 from .loading import LoadedModel

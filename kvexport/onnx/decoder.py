@@ -250,7 +250,6 @@ def compare_steps(sess, dec: PackedCacheDecoder, prompt: torch.Tensor, steps: in
     after which later layers see different inputs — and the free-running token agreement."""
     import numpy as np
     names = dec.cache_names("past")
-    pnames = dec.cache_names("present")
     per_layer = len(names) // dec.layers
     past = dec.empty_past(prompt.shape[0])
     ids, n, toks, rows = prompt, 0, [], []

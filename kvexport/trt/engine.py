@@ -19,7 +19,7 @@ from typing import Callable
 import onnx
 
 from ..ops.registry import DOMAIN
-from .runtime import NAMESPACE, backend_label, creators, load_plugins
+from .runtime import NAMESPACE, backend_label, load_plugins
 
 
 class PluginCoverageError(RuntimeError):

@@ -10,8 +10,11 @@
 // into fp16) and O += P V run on the tensor cores with an online softmax in fp32 registers
 // (FlashAttention-2 layout: the score accumulators are the A operand of P V).  Causal and
 // sliding-window masks and the soft cap are applied at the score (kvxScore); subtiles
-// wholly outside the tile's visible key range are skipped.  Every warp writes its own
-// partial (m, l, acc); kvxCombine merges splits × warps and rotates back.
+// wholly outside the tile's visible key range are skipped.  The split kernel is compiled
+// twice: kGeneral = false for plain decode (q_tokens = 1, no window, no cap: every key of
+// the range is visible to every row, no per-score work), true otherwise (no per-score mask
+// on subtiles visible to every row); launchDecode picks one from the args.  Every warp
+// writes its own partial (m, l, acc); kvxCombine merges splits × warps and rotates back.
 //
 // A reader R provides:
 //   static constexpr bool kRotated;       score domain is x·Πᵀ (consts[0] = Π)
@@ -136,11 +139,13 @@ __device__ __forceinline__ uint32_t packHalf2(float lo, float hi) {
 // Online-softmax step of one subtile (log2 domain): row maxima mx0 / mx1 of the masked scores
 // s -> new running maxima m0 / m1 (n0 / n1), rescale factors c0 / c1 of the old state, and
 // p = 2^(s - n).  A row with no visible key so far keeps m = -inf, p = 0, c = 0 (no NaN).
+// kFinite: the caller guarantees a finite score in every row (plain decode), no -inf guard.
+template <bool kFinite = false>
 __device__ __forceinline__ void softmaxStep(const float (&s)[2][4], float mx0, float mx1, float& m0, float& m1,
                                             float& n0, float& n1, float& c0, float& c1, float (&p)[2][4]) {
   n0 = fmaxf(m0, mx0);
   n1 = fmaxf(m1, mx1);
-  const float b0 = n0 == -INFINITY ? 0.f : n0, b1 = n1 == -INFINITY ? 0.f : n1;
+  const float b0 = (kFinite || n0 != -INFINITY) ? n0 : 0.f, b1 = (kFinite || n1 != -INFINITY) ? n1 : 0.f;
   c0 = exp2f(m0 - b0);  // 0 on the first subtile
   c1 = exp2f(m1 - b1);
   m0 = n0;
@@ -152,6 +157,29 @@ __device__ __forceinline__ void softmaxStep(const float (&s)[2][4], float mx0, f
   }
 }
 
+// Resident blocks per SM the split kernel asks the register allocator for (launch bounds):
+// R::kMinBlocks when the key reader declares it, else 4 at D <= 128 (128 registers: the one
+// wave of 4 blocks per SM that num_splits_for plans; over 128 registers only 3 fit and the
+// fourth block of each SM becomes a second wave), else 1 (no cap).  Without the bound ptxas
+// picks anywhere from 128 to 250 registers for the same loop, whichever way the code moves.
+template <class R, class = void>
+struct MinBlocksOf {
+  static constexpr bool declared = false;
+  static constexpr int value = 1;
+};
+template <class R>
+struct MinBlocksOf<R, std::void_t<decltype(R::kMinBlocks)>> {
+  static constexpr bool declared = true;
+  static constexpr int value = R::kMinBlocks;
+};
+template <class R, int D>
+constexpr int decodeMinBlocks() {
+  return MinBlocksOf<R>::declared ? MinBlocksOf<R>::value : (D <= 128 ? 4 : 1);
+}
+
+// Soft cap in the log2 domain (kvxScore's cap, with 1 / capL2 precomputed).
+__device__ __forceinline__ float kvxCap(float v, float capL2, float invCapL2) { return capL2 * tanhf(v * invCapL2); }
+
 template <class KR, class VR>
 struct TabCfg {
   static constexpr bool kShare = std::is_same<KR, VR>::value;  // same reader: one table
@@ -159,8 +187,10 @@ struct TabCfg {
   static constexpr int kV = kShare ? 0 : (VR::kTabWords + 3) / 4 * 4;
 };
 
-template <class KR, class VR, int D>
-__global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a) {
+// kGeneral: false = plain decode (Tq = 1, sliding_window = 0, softcap = 0; the caller
+// guarantees it), true = masks and soft cap from the args.
+template <class KR, class VR, int D, bool kGeneral>
+__global__ void __launch_bounds__(kTHREADS, (decodeMinBlocks<KR, D>())) kvxDecodeSplit(const KvxDecodeArgs a) {
   static_assert(KR::kRotated == VR::kRotated, "keys and values share the score domain");
   constexpr int LDH = TileCfg<D>::kLDH;
   using TC = TabCfg<KR, VR>;
@@ -172,17 +202,18 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
   uint32_t* ktab = reinterpret_cast<uint32_t*>(qpos + 16);
   uint32_t* vtab = TC::kShare ? ktab : ktab + TC::kK;
 
-  const int nRT = rowTiles(a);
+  // Plain decode: one row tile, Tq = 1 as compile-time constants (the indexing folds away).
+  const int nRT = kGeneral ? rowTiles(a) : 1;
   const int split = blockIdx.x, h = blockIdx.y / nRT, r0 = (blockIdx.y % nRT) * 16, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int G = a.q_heads / a.kv_heads, Tq = qTokens(a), rows = G * Tq;
+  const int G = a.q_heads / a.kv_heads, Tq = kGeneral ? qTokens(a) : 1, rows = G * Tq;
   const int len = a.lens[b];
   const int wl = a.win_k ? (a.win_lens ? a.win_lens[b] : a.win_max) : 0;
   const int total = len + wl;
   const int chunk = ceilDiv(ceilDiv(a.max_len + a.win_max, a.num_splits), kBLOCK_TOKENS) * kBLOCK_TOKENS;
   const int tBegin = split * chunk;
-  int kLo, kHi;
-  visibleKeys(a, G, r0, total, kLo, kHi);
+  int kLo = 0, kHi = total;
+  if constexpr (kGeneral) visibleKeys(a, G, r0, total, kLo, kHi);
   const int tLo = max(tBegin, kLo), tEnd = min(min(total, tBegin + chunk), kHi);
   const int nParts = a.num_splits * kWARPS;
   float* part = a.workspace + (size_t)a.batch * a.q_heads * Tq * D;
@@ -215,7 +246,7 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
     for (int i = lane; i < D; i += 32) qs[r * LDH + i] = __float2half_rn(valid ? qw[i] * inv : 0.f);
     if (lane == 0) {
       qscale[r] = mx * sl2;
-      qpos[r] = total - Tq + R / G;  // padding rows: past the end, see everything
+      if constexpr (kGeneral) qpos[r] = total - Tq + R / G;  // padding rows: past the end, see everything
     }
   }
   KR::prepare(a, ktab);
@@ -231,9 +262,13 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
   bool any = false;
+  // kGeneral only: positions of the tile's first and last valid rows, the cap (log2 domain).
+  const int pFirst = total - Tq + r0 / G, pLast = total - Tq + (min(rows, r0 + 16) - 1) / G;
+  const float capL2 = a.softcap * kLOG2E, invCapL2 = capL2 > 0.f ? 1.f / capL2 : 0.f;
 
   // Subtiles stay on the 16-token grid of the split; those before the first visible key are skipped.
-  for (int t0 = tBegin + (tLo - tBegin) / kSUB * kSUB + warp * kSUB; t0 < tEnd; t0 += kBLOCK_TOKENS) {
+  const int tFirst = kGeneral ? tBegin + (tLo - tBegin) / kSUB * kSUB : tBegin;
+  for (int t0 = tFirst + warp * kSUB; t0 < tEnd; t0 += kBLOCK_TOKENS) {
     any = true;
     const int n = min(kSUB, tEnd - t0);
     const int np = max(0, min(n, len - t0));  // packed rows of this subtile, then window rows
@@ -273,25 +308,44 @@ __global__ void __launch_bounds__(kTHREADS) kvxDecodeSplit(const KvxDecodeArgs a
     }
     // Online softmax (log2 domain); thread holds rows gr, gr + 8, tokens 8j + 2qd + {0, 1}.
     float mx0 = -INFINITY, mx1 = -INFINITY;
+    if constexpr (kGeneral) {
+      // Warp-uniform: keys t0..t0+n-1 visible to every row of the tile (first row at pFirst,
+      // last at pLast) -> no per-score mask.  Else kvxScore's mask per score, the row
+      // positions re-read from shared memory (not held in registers across the loop).
+      const bool full = t0 + n - 1 <= pFirst && (a.sliding_window <= 0 || t0 > pLast - a.sliding_window);
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < 2; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int tok = 8 * j + 2 * qd + (e & 1);
-        // Row positions re-read from shared memory (not held in registers across the loop).
-        const float v = tok < n ? kvxScore(s[j][e] * (e < 2 ? sc0 : sc1), t0 + tok, qpos[e < 2 ? gr : gr + 8],
-                                           a.softcap * kLOG2E, a.sliding_window)
-                                : -INFINITY;
-        s[j][e] = v;
-        if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int tok = 8 * j + 2 * qd + (e & 1);
+          float v = s[j][e] * (e < 2 ? sc0 : sc1);
+          if (capL2 > 0.f) v = kvxCap(v, capL2, invCapL2);
+          if (tok >= n) v = -INFINITY;
+          else if (!full) {
+            const int p = qpos[e < 2 ? gr : gr + 8], j0 = t0 + tok;
+            if (j0 > p || (a.sliding_window > 0 && j0 <= p - a.sliding_window)) v = -INFINITY;
+          }
+          s[j][e] = v;
+          if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int tok = 8 * j + 2 * qd + (e & 1);
+          const float v = tok < n ? s[j][e] * (e < 2 ? sc0 : sc1) : -INFINITY;
+          s[j][e] = v;
+          if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+        }
+    }
 #pragma unroll
     for (int off = 1; off <= 2; off <<= 1) {
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
     }
     float n0, n1, c0, c1, p[2][4];
-    softmaxStep(s, mx0, mx1, m0, m1, n0, n1, c0, c1, p);
+    softmaxStep<!kGeneral>(s, mx0, mx1, m0, m1, n0, n1, c0, c1, p);
     l0 = l0 * c0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
     l1 = l1 * c1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
     uint32_t pa[4] = {packHalf2(p[0][0], p[0][1]), packHalf2(p[0][2], p[0][3]),
@@ -376,7 +430,8 @@ size_t decodeSmemBytes() {
 template <class KR, class VR, int D>
 cudaError_t launchDecode(const KvxDecodeArgs& a, cudaStream_t stream) {
   const size_t smem = decodeSmemBytes<KR, VR, D>();
-  auto kern = kvxDecodeSplit<KR, VR, D>;
+  const bool general = qTokens(a) > 1 || a.sliding_window > 0 || a.softcap > 0.f;
+  auto kern = general ? kvxDecodeSplit<KR, VR, D, true> : kvxDecodeSplit<KR, VR, D, false>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
   const int Tq = qTokens(a);

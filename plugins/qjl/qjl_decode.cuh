@@ -369,8 +369,9 @@ __global__ void __launch_bounds__(kTHREADS, 2) kvxQjlDecode(const KvxDecodeArgs 
         }
       }
     };
-    buildPart(a.consts[0], L.m, L.mpad, L.wc, 0, true);
-    if (L.o) buildPart(a.consts[1], L.mo, L.mopad, L.wco, L.mpad, false);
+#pragma unroll 1
+    for (int pi = 0; pi < (L.o ? 2 : 1); ++pi)  // one code copy for both parts (compile time)
+      buildPart(a.consts[pi], pi ? L.mo : L.m, pi ? L.mopad : L.mpad, pi ? L.wco : L.wc, pi ? L.mpad : 0, pi == 0);
     __syncwarp();
   };
 
@@ -380,20 +381,22 @@ __global__ void __launch_bounds__(kTHREADS, 2) kvxQjlDecode(const KvxDecodeArgs 
     if (t0 < wEnd) {
       const int n = min(kSUB, wEnd - t0);
       const int ns = max(0, min(n, full - t0)), np = max(0, min(n, len - t0));
-      if (ns > 0) {
-        warpStageAsync(a.k[0], b, h, t0, ns, L.rbI, sb + L.sBits, lane);
-        warpStageAsync(a.k[1], b, h, t0, ns, 2, sb + L.sNorm, lane);
-        if (L.o) {
-          warpStageAsync(a.k[2], b, h, t0, ns, L.rbO, sb + L.sOBits, lane);
-          warpStageAsync(a.k[3], b, h, t0, ns, 2, sb + L.sONorm, lane);
-          const int g0 = t0 / L.G, g1 = (t0 + ns - 1) / L.G;
-          warpStageAsync(a.k[4], b, h, g0, g1 - g0 + 1, L.o, sb + L.sOid, lane);
+      const int g0 = L.o ? t0 / L.G : 0, g1 = L.o && ns ? (t0 + ns - 1) / L.G : g0;
+#pragma unroll 1
+      for (int j = 0; j < 8; ++j) {  // one copy loop for the 8 fields (compile time)
+        KvxField f;
+        int t = t0, cnt = ns, rb, off;
+        switch (j) {
+          case 0: f = a.k[0]; rb = L.rbI; off = L.sBits; break;
+          case 1: f = a.k[1]; rb = 2; off = L.sNorm; break;
+          case 2: f = a.k[2]; rb = L.rbO; off = L.sOBits; cnt = L.o ? ns : 0; break;
+          case 3: f = a.k[3]; rb = 2; off = L.sONorm; cnt = L.o ? ns : 0; break;
+          case 4: f = a.k[4]; rb = L.o; off = L.sOid; t = g0; cnt = L.o && ns ? g1 - g0 + 1 : 0; break;
+          case 5: f = a.v[0]; rb = L.rbV; off = L.sCodes; cnt = np; break;
+          case 6: f = a.v[1]; rb = L.rbS; off = L.sScale; cnt = np; break;
+          default: f = a.v[2]; rb = L.rbS; off = L.sZero; cnt = np; break;
         }
-      }
-      if (np > 0) {
-        warpStageAsync(a.v[0], b, h, t0, np, L.rbV, sb + L.sCodes, lane);
-        warpStageAsync(a.v[1], b, h, t0, np, L.rbS, sb + L.sScale, lane);
-        warpStageAsync(a.v[2], b, h, t0, np, L.rbS, sb + L.sZero, lane);
+        warpStageAsync(f, b, h, t, cnt, rb, sb + off, lane);
       }
     }
     cpAsyncCommit();
@@ -409,11 +412,13 @@ __global__ void __launch_bounds__(kTHREADS, 2) kvxQjlDecode(const KvxDecodeArgs 
   int cached = -1;
   if (!L.o && tFirst < full) { buildQ(nullptr); cached = 0; }
 
-#pragma unroll
-  for (int st = 0; st < kQJL_STAGES - 1; ++st) issue(tFirst + st * kSUB, st);
-  int st = 0;
-  for (int t0 = tFirst; t0 < wEnd; t0 += kSUB) {
-    issue(t0 + (kQJL_STAGES - 1) * kSUB, (st + kQJL_STAGES - 1) % kQJL_STAGES);
+  // Iteration ti stages the subtile at ti and scores the one kQJL_STAGES − 1 subtiles behind it.
+  int st = 0, sti = 0;
+  for (int ti = tFirst; ti < wEnd + (kQJL_STAGES - 1) * kSUB; ti += kSUB) {
+    issue(ti, sti);
+    sti = sti + 1 == kQJL_STAGES ? 0 : sti + 1;
+    const int t0 = ti - (kQJL_STAGES - 1) * kSUB;
+    if (t0 < tFirst) continue;
     cpAsyncWait<kQJL_STAGES - 1>();
     __syncwarp();
     const uint8_t* sb = wbase + L.stage + st * L.stageBytes;
@@ -486,7 +491,7 @@ __global__ void __launch_bounds__(kTHREADS, 2) kvxQjlDecode(const KvxDecodeArgs 
     __syncwarp();  // value tile written by every lane
     qjlSoftmaxPV<D>(s, n, t0, pos0, pos1, capL2, a.sliding_window, m0, m1, l0, l1, o, vt, lane);
     __syncwarp();  // this stage and the value tile are free again
-    st = (st + 1) % kQJL_STAGES;
+    st = st + 1 == kQJL_STAGES ? 0 : st + 1;
   }
   cpAsyncWait<0>();
   qjlWritePartial<D>(gr < nr ? partAt(gr) : nullptr, gr + 8 < nr ? partAt(gr + 8) : nullptr, o, m0, m1, l0, l1, lane);

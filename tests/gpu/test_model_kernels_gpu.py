@@ -51,7 +51,7 @@ def test_tiny_llama_kernel_path_logits(cuda_kernels, spec):
     m = tiny_model("llama", dtype=torch.float16).cuda()
     ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(4)).cuda()
     codec = codecs.from_spec(spec)
-    plan = LayerPlan(codec, overrides={2: codecs.get("turbo:bits=4")} if codec.name == "kivi" else {})
+    plan = LayerPlan(codec, overrides={2: codecs.from_spec("turbo:bits=4")} if codec.name == "kivi" else {})
     with CompressedSession(m, plan) as s:
         want = run_window(s, ids)
     with CompressedSession(m, plan, backend="cuda", capacity=16) as s:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from kvexport import codecs
 from kvexport.ops import torch_ops
 from kvexport.ops.registry import all_ops
 

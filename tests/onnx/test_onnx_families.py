@@ -5,7 +5,6 @@ onnxruntime loop is ``test_onnx_decoder.py::test_tiny_decoder_greedy_loop_matche
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 

@@ -308,8 +308,8 @@ class FibQuantCodec(RotatedCodebook, Codec):
         k = self.params.k
         nrm = x.to(torch.float64).norm(dim=-1, keepdim=True)
         unit = torch.where(nrm > 0, x.to(torch.float64) / nrm.clamp_min(1e-300), torch.zeros_like(nrm)).float()
-        y = unit @ self._rotation(d).T
-        idx = nearest_codeword(y.reshape(b, h, t, d // k, k), self._codebook(d))
+        y = unit @ self._rotation(d).to(x.device).T
+        idx = nearest_codeword(y.reshape(b, h, t, d // k, k), self._codebook(d).to(x.device))
         return {"norm": rms_side(x), "codes": pack_bits(idx, self.index_bits)}
 
     def _parts(self, packed: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -143,6 +143,9 @@ class QjlCodec(Codec):
         return {"sketch": rng.gaussian_matrix(p.seed, self.sketch_rows(head_dim), head_dim, "qjl/sketch"),
                 "outlier_sketch": rng.gaussian_matrix(p.seed, p.outlier_m, head_dim, "qjl/outlier_sketch")}
 
+    def _consts(self, head_dim: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in self.constants(head_dim).items()}
+
     # ----- encode / decode -------------------------------------------------
     def outlier_channels(self, x: torch.Tensor) -> torch.Tensor:
         """Outlier channels of whole groups: x (B, H, G*group, D) fp32 → (B, H, G, outliers) int64.
@@ -164,7 +167,7 @@ class QjlCodec(Codec):
             codes, scale, zero = asym_quantize(xg, p.value_bits, dim=4)
             return {"codes": pack_bits(codes.reshape(b, h, t, d), p.value_bits),
                     "scale": scale.squeeze(4), "zero": zero.squeeze(4)}
-        c = self.constants(d)
+        c = self._consts(d, x.device)
         full, _ = self._split(t)
         k = x[:, :, :full]
         if not self._grouped():
@@ -201,7 +204,7 @@ class QjlCodec(Codec):
             codes = unpack_bits(packed["codes"], p.value_bits, d).reshape(b, h, t, d // p.value_group, p.value_group)
             deq = asym_dequantize(codes, packed["scale"].unsqueeze(4), packed["zero"].unsqueeze(4))
             return deq.reshape(b, h, t, d)
-        c = self.constants(d)
+        c = self._consts(d, packed.device)
         m = self.sketch_rows(d)
         full, _ = self._split(t)
         k_in = (self._signs(packed, "bits", m) @ c["sketch"]) * (
@@ -225,7 +228,7 @@ class QjlCodec(Codec):
         p = self.params
         b, h, t, d = packed_k.shape
         mq = qg.shape[2]
-        c = self.constants(d)
+        c = self._consts(d, qg.device)
         m = self.sketch_rows(d)
         full, _ = self._split(t)
         sq = qg @ c["sketch"].T                                           # (B, H, M, m)

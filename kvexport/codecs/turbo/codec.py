@@ -74,9 +74,9 @@ class TurboCodec(RotatedCodebook, Codec):
         rms = rms_side(x)
         nrm = x.to(torch.float64).norm(dim=-1, keepdim=True)
         unit = torch.where(nrm > 0, x.to(torch.float64) / nrm.clamp_min(1e-300), torch.zeros_like(nrm)).float()
-        y = unit @ self._rotation(d).T  # rotated unit vector, coordinates ~ f(y) of Lemma 1
+        y = unit @ self._rotation(d).to(x.device).T  # rotated unit vector, coordinates ~ f(y) of Lemma 1
         _, bounds = self._codebook(d)
-        return {"norm": rms, "codes": pack_bits(quantize_to(y, bounds), self.params.bits)}
+        return {"norm": rms, "codes": pack_bits(quantize_to(y, bounds.to(x.device)), self.params.bits)}
 
     def _parts(self, packed: Packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(idx (B, H, T, D) int64, norm (B, H, T) fp32, centroids (2^b, 1) fp32)."""
