@@ -189,7 +189,9 @@ def run(args):
     lines = [f"# QJL scoring vs the official kernels ({props.name}, {meta['date']})", "",
              f"`{meta['command']}`; torch {meta['torch']}, CUDA {meta['cuda']}; copy bandwidth "
              f"{bw / 1e12:.2f} TB/s. 32 q / 8 kv heads, d = 128, `{spec}`. Official: scores only; ours: the whole "
-             "fused decode (sketch + scores + softmax + 2-bit values). Medians of CUDA-graph replays.", "",
+             "fused decode (sketch + scores + softmax + 2-bit values). Medians: ours over CUDA-graph replays, "
+             "the official kernel over plain launches between CUDA events (it launches on the legacy default "
+             "stream, which graph capture refuses); its output is first checked against its own formula.", "",
              "| batch | context | official score µs | ours fused µs | ours / official | official bw | ours bw | bf16 q·Kᵀ µs |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
