@@ -68,8 +68,7 @@ def copy_bandwidth() -> float:
     a = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
     b = torch.empty_like(a)
     t = graph_time(lambda: b.copy_(a), reps=5)
-    del a, b
-    return 2 * n * 2 / t
+    return 2 * n * 2 / t   # the 2 GiB of buffers are freed on return
 
 
 def fill_random(cache: K.KernelCache) -> None:
@@ -89,17 +88,22 @@ def n_sets(nbytes: int) -> int:
     return max(1, min(8, math.ceil(ROTATE_BYTES / max(1, nbytes))))
 
 
-def bench_codec(spec, hq, hkv, d, batch, ctx, sms):
-    codec = codecs.from_spec(spec)
+def random_caches(codec, batch, hkv, d, ctx) -> list:
+    """(key, value) KernelCache pairs of random valid bytes, enough sets to rotate past L2."""
+    nbytes = codec.nbytes(d, ctx, "key", batch, hkv) + codec.nbytes(d, ctx, "value", batch, hkv)
     sets = []
-    nbytes = (codec.nbytes(d, ctx, "key", batch, hkv) + codec.nbytes(d, ctx, "value", batch, hkv))
     for _ in range(n_sets(nbytes)):
         ck = K.KernelCache.allocate(codec, "key", batch, hkv, d, ctx)
         cv = K.KernelCache.allocate(codec, "value", batch, hkv, d, ctx)
         fill_random(ck)
         fill_random(cv)
         sets.append((ck, cv))
-    q = torch.randn(batch, hq, 1, d, dtype=torch.float16, device="cuda")
+    return sets
+
+
+def decode_time(q, sets, ctx, sms) -> float:
+    """Median seconds of one fused decode over a full cache of ``ctx`` tokens, rotating ``sets``."""
+    batch, hkv, d = q.shape[0], sets[0][0].heads, q.shape[-1]
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     splits = K.num_splits_for(batch, hkv, ctx, d, sms)
     it = [0]
@@ -109,7 +113,16 @@ def bench_codec(spec, hq, hkv, d, batch, ctx, sms):
         it[0] += 1
         K.decode_attention(q, ck, cv, lens, max_len=ctx, num_splits=splits)
 
-    t = graph_time(run, reps=4 * len(sets))
+    return graph_time(run, reps=4 * len(sets))
+
+
+def bench_codec(spec, hq, hkv, d, batch, ctx, sms):
+    codec = codecs.from_spec(spec)
+    nbytes = (codec.nbytes(d, ctx, "key", batch, hkv) + codec.nbytes(d, ctx, "value", batch, hkv))
+    sets = random_caches(codec, batch, hkv, d, ctx)
+    q = torch.randn(batch, hq, 1, d, dtype=torch.float16, device="cuda")
+    splits = K.num_splits_for(batch, hkv, ctx, d, sms)
+    t = decode_time(q, sets, ctx, sms)
     # Append one token per sequence (keys + values) at the end of the cache.
     ck, cv = sets[0]
     xk = torch.randn(batch, hkv, 1, d, dtype=torch.float16, device="cuda")
@@ -145,7 +158,7 @@ def bench_sdpa(hq, hkv, d, batch, ctx):
             out[name] = None
             out[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     out["sdpa_bytes"] = nbytes
-    del sets
+    sets.clear()
     return out
 
 

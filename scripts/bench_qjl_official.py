@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from kvexport import codecs  # noqa: E402
 import kvexport.kernels as K  # noqa: E402
-from bench_kernels import copy_bandwidth, fill_random, graph_time, n_sets  # noqa: E402
+from bench_kernels import copy_bandwidth, decode_time, graph_time, n_sets, random_caches  # noqa: E402
 
 
 def build_official(src: Path):
@@ -137,23 +137,8 @@ def run(args):
             sets.clear()
             # Ours: full fused decode on the same sketch sizes.
             nbytes = codec.nbytes(d, ctx, "key", b, hkv) + codec.nbytes(d, ctx, "value", b, hkv)
-            ours = []
-            for _ in range(n_sets(nbytes)):
-                ck = K.KernelCache.allocate(codec, "key", b, hkv, d, ctx)
-                cv = K.KernelCache.allocate(codec, "value", b, hkv, d, ctx)
-                fill_random(ck)
-                fill_random(cv)
-                ours.append((ck, cv))
-            lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-            splits = K.num_splits_for(b, hkv, ctx, d, sms)
-            jt = [0]
-
-            def fused():
-                ck, cv = ours[jt[0] % len(ours)]
-                jt[0] += 1
-                K.decode_attention(q, ck, cv, lens, max_len=ctx, num_splits=splits)
-
-            t_ours = graph_time(fused, reps=4 * len(ours))
+            ours = random_caches(codec, b, hkv, d, ctx)
+            t_ours = decode_time(q, ours, ctx, sms)
             key_ours = codec.nbytes(d, ctx, "key", b, hkv)
             ours.clear()
             torch.cuda.empty_cache()
