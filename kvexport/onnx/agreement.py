@@ -32,8 +32,12 @@ from ..tolerances import CODE_FLIP_BYTES, FP16_NOISE_FLOOR, tolerance
 
 
 def _stats(parts: list[np.ndarray]) -> dict[str, float]:
-    e = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(1)
-    return dict(max=float(e.max()), mean=float(e.mean()), median=float(np.median(e)))
+    """max / mean / median over every element; a field that stayed empty (qjl's outlier norms
+    before the first complete group) counts as 0 with ``elements`` 0."""
+    parts = [p.ravel() for p in parts if p.size]
+    e = np.concatenate(parts) if parts else np.zeros(1)
+    return dict(max=float(e.max()), mean=float(e.mean()), median=float(np.median(e)),
+                elements=int(sum(p.size for p in parts)))
 
 
 def _ulps(a: np.ndarray, b: np.ndarray) -> int:

@@ -157,6 +157,88 @@ __device__ __forceinline__ void softmaxStep(const float (&s)[2][4], float mx0, f
   }
 }
 
+// The tail of one warp subtile, shared by every split kernel (kvxDecodeSplit, kvxQjlDecode).
+// Fragment layout (mma16816's C): the thread holds scores s[j][e] of query rows gr = lane / 4
+// (e < 2) and gr + 8 (e >= 2), tokens tok = 8j + 2qd + (e & 1), qd = lane % 4; o: (D/8, 4)
+// fp32 accumulators (n-tile i: columns 8i + 2qd + {0, 1} of rows gr, gr + 8); vt: the
+// subtile's fp16 values (16, D + 8), rows past the subtile zero (finite).
+//
+// softmaxPVMax: masked scores s (log2 domain, -inf = masked) and the thread's row maxima
+// mx0 / mx1 -> maxima over the quad, online-softmax step (softmaxStep; FlashAttention-2
+// Alg. 1 lines 8-10) updating m, l of both rows, then O = O·c + P V on the tensor cores (P in
+// fp16 as the A operand).
+template <int D, bool kFinite>
+__device__ __forceinline__ void softmaxPVMax(float (&s)[2][4], float mx0, float mx1, float& m0, float& m1, float& l0,
+                                             float& l1, float (&o)[D / 8][4], const __half* vt, int lane) {
+  constexpr int LDH = TileCfg<D>::kLDH;
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+  }
+  float n0, n1, c0, c1, p[2][4];
+  softmaxStep<kFinite>(s, mx0, mx1, m0, m1, n0, n1, c0, c1, p);
+  l0 = l0 * c0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+  l1 = l1 * c1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
+  const uint32_t pa[4] = {packHalf2(p[0][0], p[0][1]), packHalf2(p[0][2], p[0][3]), packHalf2(p[1][0], p[1][1]),
+                          packHalf2(p[1][2], p[1][3])};
+  const int mi = lane >> 3;
+  const __half* vb = vt + ((lane & 7) + (mi & 1) * 8) * LDH + (mi >> 1) * 8;
+#pragma unroll
+  for (int d0 = 0; d0 < D; d0 += 16) {
+    uint32_t bf[4];
+    ldsm4t(bf, vb + d0);
+    const int i = d0 / 8;
+    o[i][0] *= c0; o[i][1] *= c0; o[i][2] *= c1; o[i][3] *= c1;
+    o[i + 1][0] *= c0; o[i + 1][1] *= c0; o[i + 1][2] *= c1; o[i + 1][3] *= c1;
+    mma16816(o[i], pa, bf[0], bf[1]);
+    mma16816(o[i + 1], pa, bf[2], bf[3]);
+  }
+}
+
+// softmaxPV: raw scores s -> s = score(s, tok, e >= 2) (the masked score in the log2 domain:
+// -inf for a masked key and for tok past the subtile), then softmaxPVMax.
+template <int D, bool kFinite, class Score>
+__device__ __forceinline__ void softmaxPV(float (&s)[2][4], Score&& score, float& m0, float& m1, float& l0, float& l1,
+                                          float (&o)[D / 8][4], const __half* vt, int lane) {
+  const int qd = lane & 3;
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int tok = 8 * j + 2 * qd + (e & 1);
+      const float v = score(s[j][e], tok, e >= 2);
+      s[j][e] = v;
+      if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
+    }
+  softmaxPVMax<D, kFinite>(s, mx0, mx1, m0, m1, l0, l1, o, vt, lane);
+}
+
+// The warp's partial (acc (D), m, l) of its two fragment rows gr, gr + 8 after the last subtile
+// (p0 / p1: the rows' partial records, null = row not in the tile); l is summed over the quad
+// here.  A warp that saw no subtile writes its initial state m = -inf, l = 0, acc = 0 (the
+// combine skips it).
+template <int D>
+__device__ __forceinline__ void writePartial(float* p0, float* p1, const float (&o)[D / 8][4], float m0, float m1,
+                                             float l0, float l1, int lane) {
+  const int qd = lane & 3;
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  if (p0) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p0 + 8 * i + 2 * qd) = make_float2(o[i][0], o[i][1]);
+    if (qd == 0) { p0[D] = m0; p0[D + 1] = l0; }
+  }
+  if (p1) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p1 + 8 * i + 2 * qd) = make_float2(o[i][2], o[i][3]);
+    if (qd == 0) { p1[D] = m1; p1[D + 1] = l1; }
+  }
+}
+
 // Resident blocks per SM the split kernel asks the register allocator for (launch bounds):
 // R::kMinBlocks when the key reader declares it, else 4 at D <= 128 (128 registers: the one
 // wave of 4 blocks per SM that num_splits_for plans; over 128 registers only 3 fit and the
@@ -253,7 +335,7 @@ __global__ void __launch_bounds__(kTHREADS, (decodeMinBlocks<KR, D>())) kvxDecod
   if constexpr (!TC::kShare) VR::prepare(a, vtab);
   __syncthreads();
 
-  const int gr = lane >> 2, qd = lane & 3;  // MMA fragment row and column pair
+  const int gr = lane >> 2;  // MMA fragment row (and gr + 8)
   const float sc0 = qscale[gr], sc1 = qscale[gr + 8];
   __half* kt = tiles + warp * 2 * kSUB * LDH;
   __half* vt = kt + kSUB * LDH;
@@ -261,7 +343,6 @@ __global__ void __launch_bounds__(kTHREADS, (decodeMinBlocks<KR, D>())) kvxDecod
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-  bool any = false;
   // kGeneral only: positions of the tile's first and last valid rows, the cap (log2 domain).
   const int pFirst = total - Tq + r0 / G, pLast = total - Tq + (min(rows, r0 + 16) - 1) / G;
   const float capL2 = a.softcap * kLOG2E, invCapL2 = capL2 > 0.f ? 1.f / capL2 : 0.f;
@@ -269,7 +350,6 @@ __global__ void __launch_bounds__(kTHREADS, (decodeMinBlocks<KR, D>())) kvxDecod
   // Subtiles stay on the 16-token grid of the split; those before the first visible key are skipped.
   const int tFirst = kGeneral ? tBegin + (tLo - tBegin) / kSUB * kSUB : tBegin;
   for (int t0 = tFirst + warp * kSUB; t0 < tEnd; t0 += kBLOCK_TOKENS) {
-    any = true;
     const int n = min(kSUB, tEnd - t0);
     const int np = max(0, min(n, len - t0));  // packed rows of this subtile, then window rows
     __syncwarp();
@@ -306,13 +386,16 @@ __global__ void __launch_bounds__(kTHREADS, (decodeMinBlocks<KR, D>())) kvxDecod
         mma16816(s[1], af, bf[2], bf[3]);
       }
     }
-    // Online softmax (log2 domain); thread holds rows gr, gr + 8, tokens 8j + 2qd + {0, 1}.
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+    // Online softmax (log2 domain) and O += P V.
     if constexpr (kGeneral) {
       // Warp-uniform: keys t0..t0+n-1 visible to every row of the tile (first row at pFirst,
       // last at pLast) -> no per-score mask.  Else kvxScore's mask per score, the row
-      // positions re-read from shared memory (not held in registers across the loop).
+      // positions re-read from shared memory (not held in registers across the loop).  The
+      // mask stays written out here: as a softmaxPV score functor ptxas allocates the general
+      // kernels differently (kivi:bits=2, polar, ternary at D = 128: more spills).
       const bool full = t0 + n - 1 <= pFirst && (a.sliding_window <= 0 || t0 > pLast - a.sliding_window);
+      const int qd = lane & 3;
+      float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
@@ -328,61 +411,14 @@ __global__ void __launch_bounds__(kTHREADS, (decodeMinBlocks<KR, D>())) kvxDecod
           s[j][e] = v;
           if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
         }
+      softmaxPVMax<D, false>(s, mx0, mx1, m0, m1, l0, l1, o, vt, lane);
     } else {
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int tok = 8 * j + 2 * qd + (e & 1);
-          const float v = tok < n ? s[j][e] * (e < 2 ? sc0 : sc1) : -INFINITY;
-          s[j][e] = v;
-          if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-        }
-    }
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-    }
-    float n0, n1, c0, c1, p[2][4];
-    softmaxStep<!kGeneral>(s, mx0, mx1, m0, m1, n0, n1, c0, c1, p);
-    l0 = l0 * c0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
-    l1 = l1 * c1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
-    uint32_t pa[4] = {packHalf2(p[0][0], p[0][1]), packHalf2(p[0][2], p[0][3]),
-                      packHalf2(p[1][0], p[1][1]), packHalf2(p[1][2], p[1][3])};
-    // O (16 x D) = O · c + P (16 x 16 tokens) V (16 tokens x D).
-    {
-      const int mi = lane >> 3;
-      const __half* vb = vt + ((lane & 7) + (mi & 1) * 8) * LDH + (mi >> 1) * 8;
-#pragma unroll
-      for (int d0 = 0; d0 < D; d0 += 16) {
-        uint32_t bf[4];
-        ldsm4t(bf, vb + d0);
-        const int i = d0 / 8;
-        o[i][0] *= c0; o[i][1] *= c0; o[i][2] *= c1; o[i][3] *= c1;
-        o[i + 1][0] *= c0; o[i + 1][1] *= c0; o[i + 1][2] *= c1; o[i + 1][3] *= c1;
-        mma16816(o[i], pa, bf[0], bf[1]);
-        mma16816(o[i + 1], pa, bf[2], bf[3]);
-      }
+      softmaxPV<D, true>(s, [&](float raw, int tok, bool hi) { return tok < n ? raw * (hi ? sc1 : sc0) : -INFINITY; },
+                         m0, m1, l0, l1, o, vt, lane);
     }
   }
-
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  if (r0 + gr < rows) {
-    float* p0 = partAt(gr, warp);
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p0 + 8 * i + 2 * qd) = make_float2(o[i][0], o[i][1]);
-    if (qd == 0) { p0[D] = any ? m0 : -INFINITY; p0[D + 1] = any ? l0 : 0.f; }
-  }
-  if (r0 + gr + 8 < rows) {
-    float* p1 = partAt(gr + 8, warp);
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p1 + 8 * i + 2 * qd) = make_float2(o[i][2], o[i][3]);
-    if (qd == 0) { p1[D] = any ? m1 : -INFINITY; p1[D + 1] = any ? l1 : 0.f; }
-  }
+  writePartial<D>(r0 + gr < rows ? partAt(gr, warp) : nullptr, r0 + gr + 8 < rows ? partAt(gr + 8, warp) : nullptr, o,
+                  m0, m1, l0, l1, lane);
 }
 
 // Merge the partials (splits × warps) of one (b, q head, query token) and rotate back

@@ -18,10 +18,9 @@
 // order (qjlCol), so no shuffle or shared-memory key tile is needed.  A subtile costs
 // (m + m_o)/16 k-steps × 2 MMAs and 4 integer ops per MMA; the bit words are one LDS per chunk.
 // Values: kivi's reader (KiviValueReader) run on the staged bytes.  Residual / window keys:
-// fp32 dot products.  Masks, soft cap, online softmax, P·V and the partials: kvxScore and
-// softmaxStep of decode_attention.cuh, wrapped as qjlSoftmaxPV / qjlWritePartial (the loop tail
-// and epilogue of kvxDecodeSplit as device functions: candidates to move into that header), then
-// kvxCombine.
+// fp32 dot products.  Masks and soft cap (kvxScore), online softmax, P·V and the partials: the
+// subtile tail and epilogue that kvxDecodeSplit uses too (softmaxPV, writePartial of
+// decode_attention.cuh), then kvxCombine.
 #ifndef KVX_QJL_DECODE_CUH
 #define KVX_QJL_DECODE_CUH
 
@@ -189,69 +188,6 @@ __device__ __forceinline__ void qjlScorePart(float (&s)[2][4], const __half* qa,
   for (int j = 0; j < 2; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[j][e] += t[j][e];
-}
-
-// Masked online softmax of one 16-token subtile (scores s in the log2 domain, tokens t0 + tok,
-// tok < n) and O += P V (V: fp16 tile, rows >= n zero), as kvxDecodeSplit.
-template <int D>
-__device__ __forceinline__ void qjlSoftmaxPV(float (&s)[2][4], int n, int t0, int pos0, int pos1, float capL2, int sw,
-                                             float& m0, float& m1, float& l0, float& l1, float (&o)[D / 8][4],
-                                             const __half* vt, int lane) {
-  const int qd = lane & 3;
-  float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < 2; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int tok = 8 * j + 2 * qd + (e & 1);
-      const float v = tok < n ? kvxScore(s[j][e], t0 + tok, e < 2 ? pos0 : pos1, capL2, sw) : -INFINITY;
-      s[j][e] = v;
-      if (e < 2) mx0 = fmaxf(mx0, v); else mx1 = fmaxf(mx1, v);
-    }
-#pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-  }
-  float n0, n1, c0, c1, p[2][4];
-  softmaxStep(s, mx0, mx1, m0, m1, n0, n1, c0, c1, p);
-  l0 = l0 * c0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
-  l1 = l1 * c1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
-  const uint32_t pa[4] = {packHalf2(p[0][0], p[0][1]), packHalf2(p[0][2], p[0][3]), packHalf2(p[1][0], p[1][1]),
-                          packHalf2(p[1][2], p[1][3])};
-  const int mi = lane >> 3;
-  const __half* vb = vt + ((lane & 7) + (mi & 1) * 8) * (D + 8) + (mi >> 1) * 8;
-#pragma unroll
-  for (int d0 = 0; d0 < D; d0 += 16) {
-    uint32_t bf[4];
-    ldsm4t(bf, vb + d0);
-    const int i = d0 / 8;
-    o[i][0] *= c0; o[i][1] *= c0; o[i][2] *= c1; o[i][3] *= c1;
-    o[i + 1][0] *= c0; o[i + 1][1] *= c0; o[i + 1][2] *= c1; o[i + 1][3] *= c1;
-    mma16816(o[i], pa, bf[0], bf[1]);
-    mma16816(o[i + 1], pa, bf[2], bf[3]);
-  }
-}
-
-// The warp's partial (acc, m, l) of its two fragment rows (p0 / p1: null = row not in the tile).
-template <int D>
-__device__ __forceinline__ void qjlWritePartial(float* p0, float* p1, const float (&o)[D / 8][4], float m0, float m1,
-                                                float l0, float l1, int lane) {
-  const int qd = lane & 3;
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  if (p0) {
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p0 + 8 * i + 2 * qd) = make_float2(o[i][0], o[i][1]);
-    if (qd == 0) { p0[D] = m0; p0[D + 1] = l0; }
-  }
-  if (p1) {
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) *reinterpret_cast<float2*>(p1 + 8 * i + 2 * qd) = make_float2(o[i][2], o[i][3]);
-    if (qd == 0) { p1[D] = m1; p1[D + 1] = l1; }
-  }
 }
 
 template <int D, int VB>
@@ -489,12 +425,16 @@ __global__ void __launch_bounds__(kTHREADS, 2) kvxQjlDecode(const KvxDecodeArgs 
         }
     }
     __syncwarp();  // value tile written by every lane
-    qjlSoftmaxPV<D>(s, n, t0, pos0, pos1, capL2, a.sliding_window, m0, m1, l0, l1, o, vt, lane);
+    const int sw = a.sliding_window;
+    auto score = [&](float v, int tok, bool hi) {
+      return tok < n ? kvxScore(v, t0 + tok, hi ? pos1 : pos0, capL2, sw) : -INFINITY;
+    };
+    softmaxPV<D, false>(s, score, m0, m1, l0, l1, o, vt, lane);
     __syncwarp();  // this stage and the value tile are free again
     st = st + 1 == kQJL_STAGES ? 0 : st + 1;
   }
   cpAsyncWait<0>();
-  qjlWritePartial<D>(gr < nr ? partAt(gr) : nullptr, gr + 8 < nr ? partAt(gr + 8) : nullptr, o, m0, m1, l0, l1, lane);
+  writePartial<D>(gr < nr ? partAt(gr) : nullptr, gr + 8 < nr ? partAt(gr + 8) : nullptr, o, m0, m1, l0, l1, lane);
 }
 
 }  // namespace kvx

@@ -83,3 +83,11 @@ def test_ulps_counts_fp16_units_with_a_noise_floor():
     assert _ulps(a, b) == 2
     b[2] = np.float16(3 * FP16_NOISE_FLOOR)
     assert _ulps(a, b) == 3
+
+
+def test_stats_of_fields_that_stayed_empty():
+    """qjl's outlier norms have no element before the first complete group (a 12-token prompt)."""
+    from kvexport.onnx.agreement import _stats
+    assert _stats([np.zeros((1, 3, 0)), np.zeros((1, 3, 0))]) == dict(max=0.0, mean=0.0, median=0.0, elements=0)
+    s = _stats([np.zeros((2, 0)), np.array([1.0, 3.0])])
+    assert (s["max"], s["mean"], s["elements"]) == (3.0, 2.0, 2)
