@@ -83,7 +83,8 @@ def test_compare_backend_onnxruntime_writes_agreement_report(tmp_path):
     assert set(row["outputs"]) == {"logits", "key.codes", "key.scale", "key.zero", "key.residual",
                                    "value.codes", "value.scale", "value.zero"}
     for k in ("logits", "key.scale", "value.zero"):
-        assert set(row["outputs"][k]) == {"max", "mean", "median"}
+        assert set(row["outputs"][k]) == {"max", "mean", "median", "elements"}
+    assert row["outputs"]["logits"]["elements"] > 0
     assert row["outputs"]["key.codes"]["bytes_compared"] > 0 and row["outputs"]["value.codes"]["code_mismatch"] == 0
     assert row["outputs"]["logits"]["max"] < 1e-4, row["outputs"]["logits"]
     assert row["token_agreement"] == 1.0 and row["first_divergence"] is None
