@@ -242,37 +242,12 @@ def greedy_ort(sess, dec: PackedCacheDecoder, prompt: torch.Tensor, steps: int, 
 
 
 def compare_steps(sess, dec: PackedCacheDecoder, prompt: torch.Tensor, steps: int) -> dict[str, Any]:
-    """torch ↔ onnxruntime over a greedy decode: per step, ORT runs on torch's exact inputs
-    (ids, positions, past cache) and its logits and present cache are compared with torch's.
-
-    Returns per-step logit errors, per-step code mismatch (uint8 fields) of the first layer whose
-    codes differ — a float difference upstream moving a value across a quantization boundary,
-    after which later layers see different inputs — and the free-running token agreement."""
-    import numpy as np
-    names = dec.cache_names("past")
-    per_layer = len(names) // dec.layers
-    past = dec.empty_past(prompt.shape[0])
-    ids, n, toks, rows = prompt, 0, [], []
-    with torch.no_grad():
-        for _ in range(steps):
-            pos = torch.arange(n, n + ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-            lg, *pres = dec(ids, pos, *past)
-            o = sess.run(None, {"input_ids": ids.numpy(), "position_ids": pos.numpy(),
-                                **{k: v.numpy() for k, v in zip(names, past)}})
-            err = np.abs(o[0][:, -1] - lg[:, -1].numpy())
-            first = None
-            for layer in range(dec.layers):
-                sl = slice(layer * per_layer, (layer + 1) * per_layer)
-                codes = [(a.numpy(), b) for a, b in zip(pres[sl], o[1:][sl]) if a.dtype == torch.uint8]
-                diff = sum(int((a != b).sum()) for a, b in codes)
-                if diff:
-                    first = dict(layer=layer, fraction=diff / sum(a.size for a, _ in codes))
-                    break
-            rows.append(dict(logits=lg[:, -1].numpy(), err=err, first_code_mismatch=first))
-            n += ids.shape[1]
-            past = pres
-            ids = lg[:, -1].argmax(-1, keepdim=True)
-            toks.append(ids)
-    tt = torch.cat(toks, 1).numpy()
+    """torch ↔ onnxruntime over a greedy decode: the lock-step rows of
+    :func:`kvexport.onnx.agreement.lockstep` (per step ORT on torch's exact inputs: logit errors,
+    the first layer whose packed codes differ and by what fraction) and the free-running token
+    agreement of the two greedy loops."""
+    from .agreement import lockstep
+    ls = lockstep(sess, dec, prompt, steps)
+    tt = ls["torch_tokens"]
     ot, _ = greedy_ort(sess, dec, prompt, steps)
-    return dict(torch_tokens=tt, ort_tokens=ot, token_agreement=float((tt == ot).mean()), steps=rows)
+    return dict(torch_tokens=tt, ort_tokens=ot, token_agreement=float((tt == ot).mean()), steps=ls["steps"])
