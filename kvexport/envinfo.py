@@ -5,9 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import platform
-import re
-import shutil
-import subprocess
 import sys
 from typing import Any
 
@@ -49,15 +46,21 @@ def _tensorrt() -> dict[str, Any]:
 
 
 def _nvcc() -> dict[str, Any]:
-    exe = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if shutil.os.path.exists("/usr/local/cuda/bin/nvcc") else None)
-    if not exe:
-        return dict(path=None, version=None)
+    """The nvcc the kernel and plugin builds use (kvexport._toolchain.find_nvcc)."""
+    from ._toolchain import env_archs, find_nvcc, nvcc_candidates, nvcc_release
+    exe = find_nvcc()
+    out: dict[str, Any] = dict(path=exe, version=None,
+                               source=next((w for w, p in nvcc_candidates() if p == exe), None))
     try:
-        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except Exception as e:
-        return dict(path=exe, version=None, error=str(e))
-    m = re.search(r"release ([0-9.]+)", out)
-    return dict(path=exe, version=m.group(1) if m else None)
+        out["archs"] = env_archs()
+    except ValueError as e:
+        out["archs_error"] = str(e)
+    if exe:
+        try:
+            out["version"] = nvcc_release(exe)
+        except Exception as e:  # a broken toolkit is reported, not raised
+            out["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return out
 
 
 def _model() -> dict[str, Any]:

@@ -3,22 +3,18 @@
 One forward pass of SmolLM2-135M over a window of the default Wikipedia text,
 capturing post-RoPE q, k, v of selected layers through a transformers attention
 function.  Cached as safetensors (never pickle) under ``$KVEXPORT_CACHE``
-(default ``~/.cache/kvexport``).
+(default ``~/.cache/kvexport``), written atomically and verified before use (kvexport._cache).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 import torch
 
+from ._cache import atomic_write, cache_dir, verified
+
 DEFAULT_LAYERS = (0, 7, 15, 23, 29)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVEXPORT_CACHE", Path.home() / ".cache" / "kvexport"))
 
 
 def load_default_model(dtype: torch.dtype = torch.float32):
@@ -55,14 +51,11 @@ def capture(layers=DEFAULT_LAYERS, tokens: int = 512, offset_chars: int = 0) -> 
 
 def load_real_kv(layers=DEFAULT_LAYERS, tokens: int = 512) -> dict[str, torch.Tensor]:
     """Cached :func:`capture`; keys ``q.L`` / ``k.L`` / ``v.L``, fp32 (1, heads, tokens, 64)."""
-    from safetensors.torch import load_file, save_file
+    import safetensors.torch as st
     tag = hashlib.sha256(f"v1/{tuple(layers)}/{tokens}".encode()).hexdigest()[:12]
     path = cache_dir() / f"realkv-{tag}.safetensors"
-    if path.is_file():
-        return load_file(str(path))
+    if verified(path):
+        return st.load_file(str(path))
     data = capture(layers, tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(data, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: st.save_file(data, str(tmp)))
     return data

@@ -1,59 +1,121 @@
-"""Prompt attention on the packed cache, on the GPU: the fused multi-query launch (q_tokens = Tq)
-vs the per-row layout the TensorRT plugin used before ABI 4 (the Tq queries as Tq one-token
-"sequences" over the same cache, batch stride 0, per-row visible lengths): agreement and time
-(medians of CUDA-graph replays).  Prints a Markdown table (docs/KERNELS.md "Prefill cost").
+"""Prompt attention on the packed cache, on the GPU: the fused multi-query launch (q_tokens = Tq,
+what the TensorRT plugin runs for causal prompts since ABI 4), and, for per-token layouts only,
+the per-row layout it replaced (the Tq queries as Tq one-token "sequences" over the same cache,
+batch stride 0, per-row visible lengths), checked equal to the fused result before it is timed.
 
-    PYTHONPATH=. python scripts/bench_prefill.py
+Grouped key layouts (a fp16 residual for the newest ``len mod G`` keys: kivi, ternary channel
+keys, qjl) are not timed in the per-row layout: a row whose visible length ends inside a
+quantized group would read that group's tokens from the residual ring, which no longer holds
+them, so that computation is wrong and its time means nothing. Their fused time is reported.
+
+Medians of CUDA-graph replays. Writes OUT.json and OUT.md (``--render OUT.json`` re-renders).
+
+    python scripts/bench_prefill.py --out docs/bench_prefill
 """
+
+from __future__ import annotations
+
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import fill_random, graph_time  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from _bench_io import add_render_out, bad_specs, render_only, write_pair  # noqa: E402
+from bench_kernels import fill_random, graph_time, machine_line, machine_meta, token_group  # noqa: E402
 
 import kvexport.kernels as K  # noqa: E402
 from kvexport import codecs  # noqa: E402
+from kvexport.tolerances import tolerance  # noqa: E402
+
+SHAPE = (32, 8, 128)  # Llama-3-8B: q heads, kv heads, head_dim
+CASES = ((4096, 64, 0), (4096, 16, 0), (32768, 64, 0), (32768, 64, 4096))  # (context, Tq, sliding window)
+DEFAULT_CODECS = ["fp16", "turbo:bits=3", "kivi:bits=2", "qjl"]
 
 
 def per_row_cache(cache, rows):
-    """The same buffers seen as `rows` sequences (batch stride 0), as enqueueAttention does."""
+    """The same buffers seen as `rows` sequences (batch stride 0), as enqueueAttention did."""
     f = {n: t[:1].expand(rows, *t.shape[1:]) for n, t in cache.fields.items()}
     return K.KernelCache(cache.codec, cache.role, rows, cache.heads, cache.head_dim, cache.capacity, f, cache.consts)
 
 
-def main():
-    hq, hkv, d = 32, 8, 128
-    print(f"{torch.cuda.get_device_name()}  Hq={hq} Hkv={hkv} D={d}, B=1, fused vs per-row (plugin) layout")
-    print("| codec | ctx | Tq | sliding | fused µs | per-row µs | speed-up | rel diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for spec in ["fp16", "turbo:bits=3", "kivi:bits=2", "qjl"]:
-        codec = codecs.from_spec(spec)
-        for ctx, tq, sw in ((4096, 64, 0), (4096, 16, 0), (32768, 64, 0), (32768, 64, 4096)):
-            if spec == "kivi:bits=2" and ctx % codec.params.group:
-                continue
-            ck = K.KernelCache.allocate(codec, "key", 1, hkv, d, ctx)
-            cv = K.KernelCache.allocate(codec, "value", 1, hkv, d, ctx)
-            fill_random(ck)
-            fill_random(cv)
-            q = torch.randn(1, hq, tq, d, dtype=torch.float16, device="cuda")
-            lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-            fused = lambda: K.decode_attention(q, ck, cv, lens, softcap=0.0, sliding_window=sw)
-            # Per row: query t sees the first ctx - tq + t + 1 tokens (grouped layouts: the plugin
-            # refuses rows inside a quantized group; the timing is still representative).
-            rk, rv = per_row_cache(ck, tq), per_row_cache(cv, tq)
-            rlens = torch.arange(ctx - tq + 1, ctx + 1, dtype=torch.int32, device="cuda")
-            qr = q[0].transpose(0, 1).contiguous()  # (Tq, Hq, D): rows as sequences
-            rows = lambda: K.decode_attention(qr, rk, rv, rlens, max_len=ctx, sliding_window=sw)
-            a = fused()[0].transpose(0, 1).float()
-            b = rows().float()
-            torch.cuda.synchronize()
-            grouped = "residual" in ck.fields  # per-row lengths inside a group read the wrong residual
-            diff = "n/a (grouped)" if grouped else f"{float((a - b).norm() / b.norm()):.1e}"
-            tf, tr = graph_time(fused), graph_time(rows)
-            print(f"| {spec} | {ctx} | {tq} | {sw} | {tf * 1e6:.1f} | {tr * 1e6:.1f} | {tr / tf:.2f}× | {diff} |")
+def bench(spec: str, ctx: int, tq: int, sw: int) -> dict:
+    hq, hkv, d = SHAPE
+    codec = codecs.from_spec(spec)
+    g = token_group(codec, d)
+    ck = K.KernelCache.allocate(codec, "key", 1, hkv, d, ctx)
+    cv = K.KernelCache.allocate(codec, "value", 1, hkv, d, ctx)
+    fill_random(ck)
+    fill_random(cv)
+    q = torch.randn(1, hq, tq, d, dtype=torch.float16, device="cuda")
+    lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+    fused = lambda: K.decode_attention(q, ck, cv, lens, softcap=0.0, sliding_window=sw)  # noqa: E731
+    row = dict(codec=spec, context=ctx, q_tokens=tq, sliding_window=sw, token_group=g, fused_s=graph_time(fused),
+               per_row_s=None, max_abs_diff=None)
+    if g == 1:  # per-token layout: the per-row computation is the same attention
+        rk, rv = per_row_cache(ck, tq), per_row_cache(cv, tq)
+        rlens = torch.arange(ctx - tq + 1, ctx + 1, dtype=torch.int32, device="cuda")  # query t sees ctx - tq + t + 1
+        qr = q[0].transpose(0, 1).contiguous()  # (Tq, Hq, D): rows as sequences
+        rows = lambda: K.decode_attention(qr, rk, rv, rlens, max_len=ctx, sliding_window=sw)  # noqa: E731
+        a, b = fused()[0].transpose(0, 1).float(), rows().float()
+        tol = tolerance(codec.name, "ort-kernel", "float16")
+        if not bool(((a - b).abs() <= tol.atol + tol.rtol * b.abs()).all()):
+            raise SystemExit(f"error: {spec} ctx {ctx} Tq {tq}: fused and per-row results differ by "
+                             f"{float((a - b).abs().max()):.2e} (beyond {tol})")
+        row.update(per_row_s=graph_time(rows), max_abs_diff=float((a - b).abs().max()))
+    return row
+
+
+def render_md(data: dict) -> str:
+    m = data["meta"]
+    lines = ["# Prompt attention on the packed cache: fused vs per-row", "",
+             f"Generated by `scripts/bench_prefill.py` from `{m['json_name']}` (re-render: "
+             f"`python scripts/bench_prefill.py --render {m['json_name']} --out STEM`). Do not edit by hand.", "",
+             machine_line(m), "", f"Reproduce: `{m['command']}`", "",
+             f"B = 1, {m['q_heads']} q / {m['kv_heads']} kv heads, d = {m['head_dim']}; medians of CUDA-graph replays. "
+             "Fused: one launch, every query masked causally inside the kernel. Per row: the layout the TensorRT plugin "
+             "used before ABI 4, timed only for per-token layouts (G = 1) after its result is checked equal to the "
+             "fused one; grouped layouts (G > 1) would read the wrong residual in that layout.", "",
+             "| codec | G | context | Tq | sliding window | fused µs | per-row µs | per-row / fused | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        pr, diff = r["per_row_s"], r["max_abs_diff"]
+        cells = ("—", "—", "—") if pr is None else (f"{pr * 1e6:.1f}", f"{pr / r['fused_s']:.2f}×", f"{diff:.1e}")
+        lines.append(f"| {r['codec']} | {r['token_group']} | {r['context']} | {r['q_tokens']} | {r['sliding_window']} | "
+                     f"{r['fused_s'] * 1e6:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--codecs", nargs="+", default=DEFAULT_CODECS)
+    add_render_out(ap, ROOT / "docs" / "bench_prefill")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        return render_only(args.render, out.with_suffix(".md"), render_md)
+    if bad_specs(args.codecs, codecs.from_spec):
+        return 2
+    if not torch.cuda.is_available():
+        print("error: bench_prefill needs a CUDA GPU (--render works without one)", file=sys.stderr)
+        return 2
+    K.library()
+    hq, hkv, d = SHAPE
+    data = dict(meta=dict(machine_meta(argv, "bench_prefill.py"), q_heads=hq, kv_heads=hkv, head_dim=d), rows=[])
+    data["meta"]["json_name"] = out.with_suffix(".json").name
+    for spec in args.codecs:
+        for ctx, tq, sw in CASES:
+            r = bench(spec, ctx, tq, sw)
+            data["rows"].append(r)
+            print(f"{spec:16s} ctx {ctx:6d} Tq {tq:3d} sw {sw:5d}: fused {r['fused_s'] * 1e6:8.1f} us"
+                  + ("" if r["per_row_s"] is None else f", per row {r['per_row_s'] * 1e6:8.1f} us"), flush=True)
+            write_pair(out.with_suffix(".json"), data, render_md)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import platform
 import sys
@@ -24,7 +23,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from _bench_io import render_only, write_pair  # noqa: E402
 from kvexport import __version__, codecs  # noqa: E402
 from kvexport.realkv import DEFAULT_LAYERS, load_real_kv  # noqa: E402
 
@@ -55,7 +58,10 @@ def measure(c, data, layers):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/codec_table", help="output path stem (.json and .md are written)")
+    ap.add_argument("--render", metavar="JSON", help="only re-render OUT.md from a JSON this script wrote")
     args = ap.parse_args(argv)
+    if args.render:
+        return render_only(args.render, Path(args.out).with_suffix(".md"), render_md)
     data = load_real_kv()
     layers = list(DEFAULT_LAYERS)
     tokens, d = data[f"k.{layers[0]}"].shape[2], data[f"k.{layers[0]}"].shape[3]
@@ -85,20 +91,23 @@ def main(argv=None) -> int:
                 machine=platform.platform(), model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32)",
                 layers=layers, tokens=tokens, head_dim=d,
                 note="one 512-token window of the default Wikipedia text; causal attention, real queries")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    write_pair(Path(args.out).with_suffix(".json"), dict(meta=meta, rows=rows), render_md, indent=2)
+    return 0
+
+
+def render_md(data: dict) -> str:
+    """Markdown of a codec_table JSON."""
+    meta, rows = data["meta"], data["rows"]
     lines = [f"# Codec table on real K/V ({meta['date']})", "",
-             f"Model {meta['model']}, layers {layers}, {tokens} tokens, head_dim {d}; {meta['note']}. "
-             f"Reproduce: `python scripts/codec_table.py`.", "",
+             f"Model {meta['model']}, layers {meta['layers']}, {meta['tokens']} tokens, head_dim {meta['head_dim']}; "
+             f"{meta['note']}. Reproduce: `python scripts/codec_table.py`.", "",
              "| spec | bits/coord (K+V) | K bits | V bits | compression | rel. MSE K | rel. MSE V | attn cosine |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| `{r['spec']}`{' (default)' if r['default'] else ''} | {r['bits_per_coordinate']:.3f} | "
                      f"{r['key_bits']:.3f} | {r['value_bits']:.3f} | {r['compression']:.2f}× | "
                      f"{r['rel_mse_k']:.4f} | {r['rel_mse_v']:.4f} | {r['attn_cosine']:.5f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

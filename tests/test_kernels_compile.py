@@ -13,10 +13,13 @@ import subprocess
 
 import pytest
 
+from kvexport import _toolchain
 from kvexport.kernels import _build
 
-NVCC = _build.find_nvcc()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set KVEXPORT_NVCC or CUDA_HOME)")
+
+@pytest.fixture(scope="module")
+def nvcc(require):
+    return require(_build.find_nvcc(), "nvcc not found (set KVEXPORT_NVCC or CUDA_HOME)")
 
 
 def test_every_codec_with_kernels_has_sources():
@@ -26,13 +29,12 @@ def test_every_codec_with_kernels_has_sources():
     assert set(SLOTS) <= have, set(SLOTS) - have
 
 
-@needs_nvcc
-def test_kernels_compile_for_all_archs(tmp_path):
+def test_kernels_compile_for_all_archs(nvcc, tmp_path):
     srcs = _build.sources()
     assert srcs
     jobs = max(2, os.cpu_count() or 2)
     with cf.ThreadPoolExecutor(max_workers=jobs) as ex:
-        futs = {ex.submit(_build.compile_one, NVCC, s, tmp_path / f"{s.parent.name}_{s.stem}.o", _build.CI_ARCHS): s
+        futs = {ex.submit(_build.compile_one, nvcc, s, tmp_path / f"{s.parent.name}_{s.stem}.o", _build.CI_ARCHS): s
                 for s in srcs}
         errors = []
         for f in cf.as_completed(futs):
@@ -42,7 +44,7 @@ def test_kernels_compile_for_all_archs(tmp_path):
                 errors.append(str(e))
     assert not errors, "\n\n".join(errors)
     objs = sorted(tmp_path.glob("*.o"))
-    r = subprocess.run([NVCC, "-shared", *_build.gencode(_build.CI_ARCHS), "-o", str(tmp_path / "lib.so"),
+    r = subprocess.run([nvcc, "-shared", *_build.gencode(_build.CI_ARCHS), "-o", str(tmp_path / "lib.so"),
                         *map(str, objs)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     # The extern "C" launchers the ctypes binding calls are all exported.
@@ -56,8 +58,8 @@ def test_kernels_compile_for_all_archs(tmp_path):
 
 def test_unavailable_message_without_toolkit(monkeypatch):
     monkeypatch.setenv("KVEXPORT_NVCC", "/nonexistent/nvcc")
-    monkeypatch.setattr(_build.shutil, "which", lambda _: None)
+    monkeypatch.setattr(_toolchain.shutil, "which", lambda _: None)
     monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.setattr(_build.os.path, "isfile", lambda p: False)
+    monkeypatch.setattr(_toolchain.os.path, "isfile", lambda p: False)
     with pytest.raises(_build.KernelsUnavailable, match="nvcc not found"):
         _build.build(archs=["90"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_json, add_output_dir, output_dir
+from .common import add_json, add_output_dir, check_device, open_output
 
 
 def add_model_args(p) -> None:
@@ -65,9 +65,12 @@ def _run_torch(args) -> int:
         raise CliError(f"--backend cuda runs the model on the GPU: add --device cuda (got --device {args.device})")
     if args.fp16_window is not None and args.fp16_window < 0:
         raise CliError(f"--fp16-window must be >= 0, got {args.fp16_window}")
+    check_device(args.device)
+    if args.codec_device:
+        check_device(args.codec_device, "--codec-device")
     text = read_text(args.text)
     text_name = args.text or "default (exllamav2 wiki.utf8, English Wikipedia)"
-    with output_dir(args.out_dir, args.force) as out:
+    with open_output(args) as out:
         lm = load_model(args.model)
         lm.model.to(args.device)
         geo = lm.recipe.geometry(lm.model.config)
@@ -105,7 +108,7 @@ def _run_onnxruntime(args) -> int:
     for s in specs:
         codecs.from_spec(s)                       # bad specs fail before the model loads
     text = read_text(args.text)
-    with output_dir(args.out_dir, args.force) as out:
+    with open_output(args) as out:
         lm = load_model(args.model)
         prompts = text_windows(lm, text, args.windows, args.window_len)
         rep = compare_onnxruntime(lm, args.model, specs, prompts, args.steps, progress=not args.no_progress)
@@ -114,12 +117,15 @@ def _run_onnxruntime(args) -> int:
     if args.json:
         print(json.dumps(rep, indent=2, default=str))
     else:
+        print("logit |Δ| = |torch − onnxruntime| logits, onnxruntime on torch's exact inputs, every position "
+              "of every step; fixed bytes = per-layer present bytes differing on torch's own inputs")
         for r in rep["codecs"]:
-            lo = r["outputs"]["logits"]
-            print(f"{r['spec']:<28} logits |Δ| max {lo['max']:.2e} mean {lo['mean']:.2e} median {lo['median']:.2e}  "
-                  f"tokens {r['token_agreement']:.3f} (first divergence {r['first_divergence']}, teacher-forced "
-                  f"{r['teacher_forced']['token_agreement']:.3f})  "
-                  f"{'ok' if r['within_tolerance'] else 'OUTSIDE tolerance'}")
+            lo, fx = r["logit_error"], r["fixed_bytes"]
+            print(f"{r['spec']:<28} logit |Δ| max {lo['max']:.2e} median {lo['median']:.2e}  "
+                  f"fixed bytes {fx['present_bytes_differing']} differ  "
+                  f"steps outside {len(r['steps_outside_tolerance'])}/{r['steps']}  "
+                  f"tokens {r['token_agreement']:.3f} (first divergence {r['first_divergence']})  "
+                  f"{'within tolerance' if r['within_tolerance'] else 'OUTSIDE tolerance'}")
         print(f"wrote {args.out_dir}/report.json, report.md")
     return 0 if all(r["within_tolerance"] for r in rep["codecs"]) else 1
 

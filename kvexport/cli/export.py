@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_json, add_output_dir, output_dir
+from .common import add_json, add_output_dir, open_output
 
 
 def add_parser(sub) -> None:
@@ -23,7 +23,7 @@ def run(args) -> int:
     from .. import codecs
     from ..onnx.package import export_to_dir
     codec = codecs.from_spec(args.codec)          # ValueError names the bad parameter
-    with output_dir(args.out_dir, args.force) as tmp:
+    with open_output(args) as tmp:
         res = export_to_dir(args.model, codec, tmp, verify_steps=args.verify)
     rep = res.get("report")
     if args.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_json
+from .common import add_json, check_device
 from .compare import add_model_args
 
 
@@ -29,6 +29,9 @@ def run(args) -> int:
         raise CliError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt:
         raise CliError("the prompt is empty")
+    check_device(args.device)
+    if args.codec_device:
+        check_device(args.codec_device, "--codec-device")
     name, given = parse_spec(args.codec)
     if args.fp16_window is not None:
         given["window"] = args.fp16_window

@@ -10,12 +10,21 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._core.base import Codec, ROLES
-from ._core.packed import Field, Packed
 from ._core.params import parse_spec
 
 # Order is the order reports list them in: seed codecs, then baselines.
 CODEC_NAMES = ("fp16", "kivi", "turbo", "qjl", "polar", "ternary", "fibquant")
+
+# Imported on first use (PEP 562), so that names and specs are checked without torch.
+_LAZY = {"Codec": "._core.base", "ROLES": "._core.base", "Field": "._core.packed", "Packed": "._core.packed"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _REGISTRY: dict[str, type[Codec]] = {}
 
@@ -50,7 +59,23 @@ def codec_class(name: str) -> type[Codec]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown codec {name!r}; known: {', '.join(names())}") from None
+        raise _unknown(name, names()) from None
+
+
+def _unknown(name: str, known) -> ValueError:
+    import difflib
+    close = difflib.get_close_matches(name, known, n=1)
+    return ValueError(f"unknown codec {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                      + f"; known: {', '.join(known)}")
+
+
+def check_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Parse ``spec`` and check its codec name without importing torch (fast refusal of a
+    typo); the parameters are validated by :func:`from_spec`."""
+    name, given = parse_spec(spec)
+    if name not in CODEC_NAMES:
+        raise _unknown(name, CODEC_NAMES)
+    return name, given
 
 
 def get(name: str, **params: Any) -> Codec:
@@ -65,4 +90,4 @@ def from_spec(spec: str) -> Codec:
 
 
 __all__ = ["Codec", "Field", "Packed", "ROLES", "CODEC_NAMES", "register", "names", "get",
-           "from_spec", "codec_class"]
+           "from_spec", "check_spec", "codec_class"]

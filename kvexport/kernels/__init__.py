@@ -26,6 +26,7 @@ from .cache import KernelCache, extra_workspace_floats, kernel_params, supported
 _DTYPE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _BLOCK_TOKENS = 64  # tokens per block iteration (4 warps x 16-token subtiles)
 _WARPS = 4  # partials per split (plugins/common/decode_attention.cuh kWARPS)
+V2_CODECS = ("fp16", "turbo", "fibquant")  # codecs with a kvx_<codec>_decode_v2 launcher
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,6 +73,69 @@ def _check_lens(lens: torch.Tensor, batch: int, what="lens") -> None:
         raise ValueError(f"{what} must be a CUDA int32 tensor of shape ({batch},), got {lens.dtype} {tuple(lens.shape)}")
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _lens_range(lens: torch.Tensor, what="lens") -> tuple[int, int] | None:
+    """(min, max) of ``lens`` read to the host (one small device sync), or None while a CUDA graph
+    is being captured: device memory cannot be read then and the caller's ``max_len`` stands."""
+    if lens.dtype != torch.int32 or lens.dim() != 1:
+        raise ValueError(f"{what} must be an int32 tensor of shape (B,), got {lens.dtype} {tuple(lens.shape)}")
+    if lens.numel() == 0:
+        return 0, 0
+    if _capturing(lens):
+        return None
+    lo, hi = torch.stack((lens.min(), lens.max())).tolist()
+    return lo, hi
+
+
+def _check_int(name: str, v) -> int:
+    if isinstance(v, bool) or int(v) != v:
+        raise ValueError(f"{name} must be an int, got {v!r}")
+    return int(v)
+
+
+def check_decode_bounds(capacity: int, lens: torch.Tensor, max_len: int | None,
+                        window: int = 0, window_lens: torch.Tensor | None = None) -> int:
+    """The ``max_len`` to launch with: ``cache.capacity`` if None; refuses ``max_len`` outside
+    [0, capacity], any lens[b] outside [0, max_len] and any window_lens[b] outside [0, W]
+    (ValueError, one line).  ``lens`` values are read unless a CUDA graph is being captured."""
+    max_len = capacity if max_len is None else _check_int("decode_attention.max_len", max_len)
+    if not 0 <= max_len <= capacity:
+        raise ValueError(f"decode_attention.max_len ({max_len}) must be in [0, capacity {capacity}]")
+    r = _lens_range(lens)
+    if r is not None and (r[0] < 0 or r[1] > max_len):
+        raise ValueError(f"decode_attention: lens in [{r[0]}, {r[1]}] but max_len is {max_len} "
+                         f"(each lens[b] must be in [0, max_len]; capacity {capacity})")
+    if window_lens is not None:
+        wr = _lens_range(window_lens, "window_lens")
+        if wr is not None and (wr[0] < 0 or wr[1] > window):
+            raise ValueError(f"decode_attention: window_lens in [{wr[0]}, {wr[1]}] but the window holds {window} tokens")
+    return max_len
+
+
+def check_append_bounds(capacity: int, n_new: int, lens: torch.Tensor, max_len: int | None = None) -> int:
+    """The host bound of ``lens`` to launch with (``max_len`` if given, else max(lens)); refuses
+    lens[b] < 0, lens[b] > max_len and max_len + n_new > capacity (ValueError, one line).  While a
+    CUDA graph is being captured lens cannot be read: ``max_len`` is then required."""
+    r = _lens_range(lens)
+    if max_len is not None:
+        max_len = _check_int("append.max_len", max_len)
+    if r is None:
+        if max_len is None:
+            raise ValueError("append under CUDA-graph capture needs max_len= (a host bound of lens: lens cannot be "
+                             "read while capturing)")
+    elif r[0] < 0 or (max_len is not None and r[1] > max_len):
+        raise ValueError(f"append: lens in [{r[0]}, {r[1]}] outside [0, max_len {max_len}]")
+    elif max_len is None:
+        max_len = r[1]
+    if max_len < 0 or max_len + n_new > capacity:
+        raise ValueError(f"append of {n_new} tokens at lens up to {max_len} exceeds the cache capacity "
+                         f"of {capacity} tokens per sequence")
+    return max_len
+
+
 def num_splits_for(batch: int, kv_heads: int, tokens: int, head_dim: int, sms: int | None = None) -> int:
     """Split-K parts: at most one wave of 4 blocks per multiprocessor (4 fit at 128 registers:
     a partial second wave would double the time), each at least 8 block iterations of tokens.
@@ -86,7 +150,7 @@ def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache
                      window_k: torch.Tensor | None = None, window_v: torch.Tensor | None = None,
                      window_lens: torch.Tensor | None = None, scale: float | None = None,
                      max_len: int | None = None, num_splits: int | None = None, softcap: float = 0.0,
-                     sliding_window: int = 0) -> torch.Tensor:
+                     sliding_window: int = 0, kernel: str = "v1") -> torch.Tensor:
     """Softmax attention of Tq query tokens per sequence over its packed cache (+ fp16 window).
 
     q (B, Hq, Tq, D) or (B, Hq, D) fp16/bf16; lens (B,) int32 packed tokens per sequence;
@@ -97,10 +161,19 @@ def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache
     caps the scaled score s → c·tanh(s / c) (Gemma 2).  Returns q's shape and dtype; fp32
     softmax and accumulation.  Without softcap / sliding window equals
     ``codec.attend(q, packed_k, packed_v, window_k=..., window_v=...)``.
+    ``kernel``: "v1" (default) or "v2" (decode_v2.cuh: pipelined packed tiles dequantized into
+    MMA fragments; codecs in ``V2_CODECS`` only; calls it does not cover run v1, docs/KERNELS.md).
     """
     codec = cache_k.codec
+    if kernel not in ("v1", "v2"):
+        raise ValueError(f"decode_attention.kernel must be 'v1' or 'v2', got {kernel!r}")
+    if kernel == "v2" and codec.name not in V2_CODECS:
+        raise ValueError(f"no v2 decode kernel for codec {codec.name!r}; have {', '.join(V2_CODECS)}")
     if cache_v.codec.spec_hash != codec.spec_hash or cache_k.role != "key" or cache_v.role != "value":
         raise ValueError("cache_k / cache_v must be the key and value caches of one codec")
+    capacity = min(cache_k.capacity, cache_v.capacity)
+    w = 0 if window_k is None else window_k.shape[2]
+    max_len = check_decode_bounds(capacity, lens, max_len, w, window_lens if window_k is not None else None)
     three = q.dim() == 3
     q4 = q.unsqueeze(2) if three else q
     if q4.dim() != 4 or q4.dtype not in (torch.float16, torch.bfloat16) or not q4.is_cuda:
@@ -125,7 +198,6 @@ def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache
         w = window_k.shape[2]
         if window_lens is not None:
             _check_lens(window_lens, b, "window_lens")
-    max_len = cache_k.capacity if max_len is None else max_len
     row_tiles = -(-(hq // max(1, hkv)) * tq // 16)
     splits = num_splits or num_splits_for(b, hkv * row_tiles, max_len + w, d)
     out = torch.empty((b, hq, tq, d), dtype=q4.dtype, device=q4.device)
@@ -139,7 +211,7 @@ def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache
     a.out, a.o_sB, a.o_sH, a.o_sT = out.data_ptr(), out.stride(0), out.stride(1), out.stride(2)
     a.q_tokens = tq
     a.softcap, a.sliding_window = softcap, int(sliding_window)
-    a.lens, a.max_len = lens.data_ptr(), max_len
+    a.lens, a.max_len, a.capacity = lens.data_ptr(), max_len, capacity
     _fields(cache_k, a.k)
     _fields(cache_v, a.v)
     if w:
@@ -154,18 +226,21 @@ def decode_attention(q: torch.Tensor, cache_k: KernelCache, cache_v: KernelCache
     a.scale = 1.0 / math.sqrt(d) if scale is None else scale
     a.num_splits = splits
     a.workspace = ws.data_ptr()
-    _call(f"kvx_{codec.name}_decode", a)
+    _call(f"kvx_{codec.name}_decode" + ("_v2" if kernel == "v2" else ""), a)
     return out[:, :, 0] if three else out
 
 
-def append(cache: KernelCache, x: torch.Tensor, lens: torch.Tensor) -> None:
+def append(cache: KernelCache, x: torch.Tensor, lens: torch.Tensor, *, max_len: int | None = None) -> None:
     """Encode x (B, Hkv, n_new, D) fp16/bf16/fp32 into ``cache`` at tokens lens[b].. in place.
 
     Bytes equal the Python encoder's (``codec.append``) up to fp32 rounding at cell
     boundaries (docs/KERNELS.md).  ``lens`` is not advanced; the caller adds n_new.
+    Refuses lens[b] + n_new > ``cache.capacity`` before launching; ``max_len`` (>= max(lens))
+    is needed only under CUDA-graph capture, where lens cannot be read.
     """
     if x.dim() != 4 or x.shape[0] != cache.batch or x.shape[1] != cache.heads or x.shape[3] != cache.head_dim:
         raise ValueError(f"x {tuple(x.shape)} does not match the cache ({cache.batch}, {cache.heads}, *, {cache.head_dim})")
+    max_len = check_append_bounds(cache.capacity, x.shape[2], lens, max_len)
     if x.dtype not in _DTYPE or not x.is_cuda:
         raise ValueError(f"x must be a CUDA fp16/bf16/fp32 tensor, got {x.dtype}")
     if x.stride(3) != 1:
@@ -175,7 +250,7 @@ def append(cache: KernelCache, x: torch.Tensor, lens: torch.Tensor) -> None:
     a.batch, a.kv_heads, a.head_dim, a.n_new = cache.batch, cache.heads, cache.head_dim, x.shape[2]
     a.x_dtype = _DTYPE[x.dtype]
     a.x, a.x_sB, a.x_sH, a.x_sT = x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)
-    a.lens = lens.data_ptr()
+    a.lens, a.max_len, a.capacity = lens.data_ptr(), max_len, cache.capacity
     a.role = 0 if cache.role == "key" else 1
     _fields(cache, a.f)
     for i, c in enumerate(cache.consts):
@@ -186,4 +261,4 @@ def append(cache: KernelCache, x: torch.Tensor, lens: torch.Tensor) -> None:
 
 
 __all__ = ["KernelsUnavailable", "KernelCache", "available", "library", "build", "decode_attention",
-           "append", "supported", "num_splits_for"]
+           "append", "supported", "num_splits_for", "check_decode_bounds", "check_append_bounds"]

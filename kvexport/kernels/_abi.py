@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_FIELDS = 8
 MAX_CONSTS = 4
 
@@ -32,6 +32,8 @@ class KvxDecodeArgs(C.Structure):
         # ABI 4
         ("softcap", C.c_float), ("sliding_window", C.c_int32),
         ("q_tokens", C.c_int32), ("q_sT", C.c_int64), ("o_sT", C.c_int64),
+        # ABI 5
+        ("capacity", C.c_int32),
     ]
 
 
@@ -44,4 +46,6 @@ class KvxAppendArgs(C.Structure):
         ("f", KvxField * MAX_FIELDS),
         ("consts", C.c_void_p * MAX_CONSTS),
         ("bits", C.c_int32), ("group", C.c_int32), ("value_group", C.c_int32), ("block", C.c_int32),
+        # ABI 5
+        ("max_len", C.c_int32), ("capacity", C.c_int32),
     ]

@@ -29,6 +29,7 @@ import inspect
 import torch
 
 from ..codecs import Codec
+from ..codecs._core.numerics import store_fp16, to_fp16
 from .cache import KernelCache, SLOTS, supported
 
 _MAX_ROWS = 512  # query rows per prefill launch (bounds the gathered window: rows × Hkv × W × D fp16)
@@ -163,11 +164,12 @@ class KernelLayerCache:
                              f"got q on {q.device}")
         extra = _mask_kwargs(self.layer, float(softcap or 0.0), int(sliding_window or 0))
         b, h, tq, d = k.shape
-        # The kernels read fp16 / bf16 queries: fp32 models are staged through fp16 (as the plugin).
+        # The kernels read fp16 / bf16 queries: fp32 models are staged through fp16 (as the plugin),
+        # saturating so that |q| > 65504 does not become Inf.
         if q.dtype not in (torch.float16, torch.bfloat16):
-            q = q.to(torch.float16)
-        # The encoder sees the fp16-rounded token, as LayerCache packs its fp16 raw tail.
-        kf, vf = k.to(torch.float16), v.to(torch.float16)
+            q = to_fp16(q)
+        # The encoder sees the fp16 token LayerCache packs from its raw tail (same conversion).
+        kf, vf = store_fp16(k), store_fp16(v)
         self._ensure(b, h, d, q.device, max(0, self.n + tq - self.window))
         out = self._decode(q, kf, vf, scale, extra) if tq == 1 else self._prefill(q, kf, vf, scale, extra)
         self.n += tq

@@ -28,6 +28,7 @@ import torch
 
 from ..codecs import Codec, Packed, from_spec
 from ..codecs._core import attention as _att
+from ..codecs._core.numerics import FP16_MAX, count_sanitized, store_fp16
 
 
 def _encoded_count(codec: Codec, head_dim: int, m: int, role: str) -> int:
@@ -183,7 +184,7 @@ class LayerCache:
         b, hkv, tq, _ = k.shape
         n0, n1 = self.n, self.n + tq
         w = self.window
-        kf, vf = k.to(torch.float16), v.to(torch.float16)
+        kf, vf = store_fp16(k), store_fp16(v)  # saturating: NaN → 0, beyond ±65504 → ±65504
         # Raw tails over the new total: keys [ck, n1), values [cv, n1).
         raw_k = kf if self.raw_k is None else torch.cat([self.raw_k, kf], dim=2)
         raw_v = vf if self.raw_v is None else torch.cat([self.raw_v, vf], dim=2)
@@ -223,7 +224,7 @@ class LayerCache:
         self.ck = _encoded_count(codec, d, m1, "key")
         self.cv = _encoded_count(vcodec, d, m1, "value")
         self.raw_k, self.raw_v = raw_k[:, :, self.ck - ck0:], raw_v[:, :, self.cv - cv0:]
-        return out
+        return out.clamp(-FP16_MAX, FP16_MAX)  # saturated like Codec.attend (no fp16 Inf downstream)
 
 
 def _probs(s: torch.Tensor, scale: float, softcap: float | None, qpos: torch.Tensor,
@@ -252,6 +253,9 @@ class CompressedKVCache:
     ``track_cosine``: on a fresh prefill, also compute exact fp32 attention on the
     same q/k/v and accumulate the cosine between the two outputs per layer.
 
+    Every K/V value the model hands the cache is stored through ``store_fp16``; what that
+    changed (NaN zeroed, values clamped to ±65504) is counted per layer, see :meth:`sanitized`.
+
     ``backend``: ``"torch"`` (reference math, :class:`LayerCache`) or ``"cuda"`` (the CUDA
     kernels, :class:`kvexport.kernels.torch_backend.KernelLayerCache`, same results within
     ``kvexport.tolerances``; ``capacity`` = tokens preallocated per layer, grown when full).
@@ -278,6 +282,7 @@ class CompressedKVCache:
         self.compute_device = None if compute_device is None else torch.device(compute_device)
         self.cos_sum = [0.0] * num_layers
         self.cos_count = [0] * num_layers
+        self._sanitized: torch.Tensor | None = None  # (layers, 2) int64 on the compute device
 
     @property
     def tokens(self) -> int:
@@ -292,7 +297,7 @@ class CompressedKVCache:
         return LayerCache(kc, codec_window(self.plan.codec(i)), value_codec=vc)
 
     def reset(self) -> None:
-        """Drop the cached tokens (keep the fidelity statistics)."""
+        """Drop the cached tokens (keep the fidelity statistics and sanitised counts)."""
         self.layers = [self._new_layer(i) for i in range(self.num_layers)]
 
     def nbytes(self) -> int:
@@ -305,6 +310,9 @@ class CompressedKVCache:
         home = q.device
         if self.compute_device is not None and self.compute_device != home:
             q, k, v = (t.to(self.compute_device) for t in (q, k, v))
+        if self._sanitized is None:
+            self._sanitized = torch.zeros(self.num_layers, 2, dtype=torch.long, device=k.device)
+        self._sanitized[layer] += count_sanitized(k) + count_sanitized(v)
         out = lc.attend(q, k, v, scale=scale, sliding_window=sliding_window, softcap=softcap)
         if self.track_cosine and fresh:
             ref = reference_attention(q, k, v, scale=scale, sliding_window=sliding_window, softcap=softcap)
@@ -312,6 +320,15 @@ class CompressedKVCache:
             self.cos_sum[layer] += float(cos.sum())
             self.cos_count[layer] += cos.numel()
         return out.to(home)
+
+    def sanitized(self) -> dict:
+        """What the fp16 conversion changed in the K/V handed to this cache so far (resets
+        included): ``nan_zeroed``, ``clamped`` (±Inf or |x| > 65504 → ±65504) and the
+        ``layers`` where either happened.  Nonzero means the model produced values fp16 cannot
+        hold: an upstream bug or overflow the compressed results silently work around."""
+        c = torch.zeros(self.num_layers, 2, dtype=torch.long) if self._sanitized is None else self._sanitized.cpu()
+        return dict(nan_zeroed=int(c[:, 0].sum()), clamped=int(c[:, 1].sum()),
+                    layers=[i for i in range(self.num_layers) if c[i].any()])
 
     def layer_cosine(self) -> list[float]:
         return [s / c if c else math.nan for s, c in zip(self.cos_sum, self.cos_count)]

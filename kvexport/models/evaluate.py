@@ -33,7 +33,8 @@ from .rewrite import CompressedSession
 
 
 def text_windows(lm: LoadedModel, text: str, windows: int, window_len: int) -> torch.Tensor:
-    """``windows`` consecutive windows (N, L) int64 of the tokenized text (fewer if the text ends)."""
+    """``windows`` consecutive windows (N, L) int64 of the tokenized text; a text too short for
+    that many is refused (``ValueError`` saying how many it gives), never silently fewer."""
     if windows < 1:
         raise ValueError(f"--windows must be >= 1, got {windows}")
     if window_len < 2:
@@ -48,6 +49,9 @@ def text_windows(lm: LoadedModel, text: str, windows: int, window_len: int) -> t
     n = min(windows, ids.numel() // window_len)
     if n == 0:
         raise ValueError(f"text is shorter than one window: {ids.numel()} tokens < --window-len {window_len}")
+    if n < windows:
+        raise ValueError(f"the text gives {n} window(s) of {window_len} tokens ({ids.numel()} tokens), not "
+                         f"--windows {windows}: pass --windows {n}, a shorter --window-len or a longer text")
     return ids[: n * window_len].reshape(n, window_len)
 
 
@@ -76,6 +80,7 @@ class Result:
     compress: str = "kv"  # which half went through the codec (see LayerPlan)
     backend: str = "torch"  # "torch" (reference math) or "cuda" (the CUDA kernels)
     decode_from: int | None = None  # prefill length before one-token decode steps (None: one prefill)
+    sanitized: dict | None = None  # CompressedKVCache.sanitized(): K/V values fp16 could not hold
 
     @property
     def compression(self) -> float:
@@ -150,7 +155,7 @@ def evaluate(lm: LoadedModel, spec: str, plan: LayerPlan, wins: torch.Tensor,
                       seconds=s.seconds, kv_bytes_per_token=kv_bytes / L, fp16_bytes_per_token=fp16_bytes,
                       codec_bits_per_coordinate=codec.bits_per_coordinate(geo.head_dim, L),
                       layer_cosine=s.cache.layer_cosine(), compress=plan.compress, backend=backend,
-                      decode_from=decode_from)
+                      decode_from=decode_from, sanitized=s.cache.sanitized())
 
 
 def result_row(r: Result, base_ppl: float) -> dict[str, Any]:
@@ -160,5 +165,5 @@ def result_row(r: Result, base_ppl: float) -> dict[str, Any]:
                 codec_bits_per_coordinate=r.codec_bits_per_coordinate,
                 kv_bytes_per_token=r.kv_bytes_per_token, seconds=r.seconds,
                 ms_per_token=1e3 * r.seconds / max(1, r.tokens), params=r.params, backend=r.backend,
-                decode_from=r.decode_from,
+                decode_from=r.decode_from, sanitized=r.sanitized,
                 layer_cosine=r.layer_cosine)

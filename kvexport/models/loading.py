@@ -9,12 +9,16 @@
   byte-level tokenizer.
 
 Everything goes through ``local_files_only=True``; a model that cannot be
-found, or whose architecture has no recipe, is one ``ValueError``.
+found or read (not a GGUF, a truncated file, a config.json that is not JSON or
+holds a wrong type, no weights), or whose architecture has no recipe, is one
+``ValueError`` naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +74,163 @@ def _quiet():
     hf_logging.set_verbosity_error()
 
 
+def _first_line(e: BaseException) -> str:
+    """One line of a library's (often multi-line) message, prefixed by its type."""
+    text = " ".join(ln.strip() for ln in str(e).splitlines() if ln.strip())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# What a third-party loader raises on a file it cannot read: OSError, ValueError, and types
+# that derive from Exception only (safetensors' SafetensorError, huggingface_hub's config
+# validation errors, struct.error); so loaders are wrapped in ``except _READ_ERRORS``.
+_READ_ERRORS = Exception
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+class _PastEnd(Exception):
+    pass
+
+
+# GGUF metadata value types (GGUF spec, versions 2 and 3): fixed sizes; 8 string, 9 array.
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """What is wrong with the GGUF file ``path``, or None: walks the header (metadata and
+    tensor table, no tensor data) and checks that every tensor's bytes lie inside the file."""
+    import mmap
+    import struct
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    size = path.stat().st_size
+    if _magic(path) != b"GGUF":
+        return f"{path} is not a GGUF file ({size:,} bytes, no GGUF magic at its start)"
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 4
+
+        def skip(n: int) -> None:
+            nonlocal pos
+            if pos + n > size:
+                raise _PastEnd(pos + n)
+            pos += n
+
+        def take(fmt: str):
+            at = pos
+            skip(struct.calcsize(fmt))
+            v = struct.unpack_from(fmt, mm, at)
+            return v if len(v) > 1 else v[0]
+
+        def string() -> bytes:
+            n = take("<Q")
+            at = pos
+            skip(n)
+            return mm[at:at + n]
+
+        def value(vt: int) -> None:
+            if vt in _GGUF_FIXED:
+                skip(_GGUF_FIXED[vt])
+            elif vt == 8:
+                string()
+            elif vt == 9:
+                item, n = take("<I"), take("<Q")
+                if item in _GGUF_FIXED:
+                    skip(n * _GGUF_FIXED[item])
+                else:
+                    for _ in range(n):
+                        value(item)
+            else:
+                raise ValueError(f"unknown metadata value type {vt} at byte {pos - 4}")
+        try:
+            version = take("<I")
+            if version not in (2, 3):
+                return f"{path}: GGUF version {version} is not supported (2 or 3)"
+            n_tensors, n_kv = take("<QQ")
+            align = 32
+            for _ in range(n_kv):
+                key, vt = string(), take("<I")
+                if key == b"general.alignment" and vt == 4:
+                    align = take("<I")
+                else:
+                    value(vt)
+            extents = []
+            for _ in range(n_tensors):
+                string()
+                dims = take(f"<{take('<I')}Q")
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(take("<I"))]
+                n = math.prod(dims if isinstance(dims, tuple) else (dims,))
+                extents.append(take("<Q") + n * type_size // block)
+            data = -(-pos // max(1, align)) * max(1, align)
+            end = data + max(extents, default=0)
+            if end > size:
+                raise _PastEnd(end)
+        except _PastEnd as e:
+            return f"{path} is truncated: {size:,} bytes, but its header describes data up to byte {e.args[0]:,}"
+        except (ValueError, KeyError, struct.error, OverflowError) as e:
+            return f"{path} is a corrupt GGUF file ({size:,} bytes): {_first_line(e)}"
+    return None
+
+
 def _from_gguf(path: Path, dtype: torch.dtype, attn: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     _quiet()
     kw = dict(gguf_file=path.name, local_files_only=True)
-    cfg = AutoConfig.from_pretrained(str(path.parent), **kw)
+    problem = _gguf_problem(path)  # ~0.1 s: a short or foreign file is named as such
+    if problem:
+        raise ValueError(problem)
+    try:
+        cfg = AutoConfig.from_pretrained(str(path.parent), **kw)
+    except _READ_ERRORS as e:
+        raise ValueError(f"cannot read the model config of {path}: {_first_line(e)}") from None
     recipe = recipe_for_config(cfg)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype,
-                                                 attn_implementation=attn or recipe.reference_attention, **kw)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype,
+                                                     attn_implementation=attn or recipe.reference_attention, **kw)
+    except _READ_ERRORS as e:
+        raise ValueError(f"cannot load the model in {path}: {_first_line(e)}") from None
     return model.eval(), tok, recipe
+
+
+# Weight files transformers' from_pretrained reads from a local directory.
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _read_hf_config(d: Path):
+    """The checked config of the Hugging Face directory ``d``: JSON, an object, values of the
+    types the config class declares (checked here too where transformers does not)."""
+    from transformers import AutoConfig
+    f = d / "config.json"
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{f} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{f} must hold a JSON object, not a {type(raw).__name__}")
+    try:
+        cfg = AutoConfig.from_pretrained(str(d), local_files_only=True)
+    except _READ_ERRORS as e:
+        raise ValueError(f"{f}: {_first_line(e)}") from None
+    try:
+        ref = type(cfg)()  # the config class's defaults give each key's type
+    except Exception:  # noqa: BLE001 — a class without defaults: transformers checked what it could
+        return cfg
+    for k, v in raw.items():
+        d0 = getattr(ref, k, None)
+        if v is None or d0 is None or isinstance(v, (list, dict)):
+            continue
+        want = ("a boolean" if isinstance(d0, bool) and not isinstance(v, bool) else
+                "an integer" if isinstance(d0, int) and not isinstance(d0, bool)
+                and (isinstance(v, bool) or not isinstance(v, int)) else
+                "a number" if isinstance(d0, float) and (isinstance(v, bool) or not isinstance(v, (int, float)))
+                else None)
+        if want:
+            raise ValueError(f"{f}: {k} must be {want}, got {v!r}")
+    return cfg
 
 
 def load_default_model(dtype: torch.dtype = torch.float32):
@@ -112,12 +263,17 @@ def load_model(spec: str = "default", dtype: torch.dtype = torch.float32) -> Loa
         if p.is_dir():
             if not (p / "config.json").is_file():
                 raise ValueError(f"{p} is not a Hugging Face model directory (no config.json)")
-            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM, AutoTokenizer
             _quiet()
-            cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
+            cfg = _read_hf_config(p)
             recipe = recipe_for_config(cfg)
-            model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True,
-                                                         attn_implementation=recipe.reference_attention)
+            if not any(next(p.glob(g), None) for g in _WEIGHTS):
+                raise ValueError(f"{p} has a config.json but no weights (model.safetensors or pytorch_model.bin)")
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True,
+                                                             attn_implementation=recipe.reference_attention)
+            except _READ_ERRORS as e:
+                raise ValueError(f"cannot load the weights in {p}: {_first_line(e)}") from None
             try:
                 tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
             except (OSError, ValueError):

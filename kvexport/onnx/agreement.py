@@ -6,6 +6,11 @@
   cache); its logits and every present field are compared with torch's: max / mean / median
   |Δ| per output (logits of all positions of the step; float fields per field name over all
   layers), and for packed uint8 fields the fraction of bytes that differ;
+- **fixed bytes** (inside the lock-step): every layer of every step, the exported layer step
+  alone runs in onnxruntime on torch's own q / k / v and torch's packed past of that layer, so no
+  float layer of the model sits in between: its present must be torch's byte for byte and its
+  attention output within the ``torch-ort`` tolerance.  This is the check a broken exporter cannot
+  pass by blaming GEMM order;
 - **free-running**: each backend feeds its own argmax and its own present cache back
   (``greedy_ort``): token agreement and the first step where the tokens differ;
 - **teacher-forced**: onnxruntime keeps its own cache but is fed torch's tokens, so one
@@ -57,25 +62,91 @@ def _field(name: str) -> str:
     return re.sub(r"^\w+\.\d+\.", "", name)
 
 
-def lockstep(sess, dec, prompt: torch.Tensor, steps: int) -> dict[str, Any]:
+def _within(err: np.ndarray, ref: np.ndarray, t) -> bool:
+    return bool(np.all(err <= t.atol + t.rtol * np.abs(ref)))
+
+
+class _FixedBytes:
+    """The fixed-bytes check (one per :func:`lockstep` run): every layer of every step, the
+    exported layer step (:func:`~.decoder.export_layer_step`, one graph per distinct
+    ``softcap`` / ``sliding_window``) runs in onnxruntime on torch's own q / k / v and torch's
+    packed past of that layer; its present must be torch's present byte for byte and its
+    attention output within ``tolerance(codec, "torch-ort", "float32")``.  No float layer of
+    the model is in between, so nothing here can be blamed on GEMM order."""
+
+    def __init__(self, dec):
+        self.dec, self.sessions = dec, {}
+        self.tol = tolerance(dec.codec.name, "torch-ort", "float32")
+        self.layer_steps = self.bytes = self.bytes_differing = 0
+        self.errs: list[np.ndarray] = []
+        self.failures: list[dict] = []
+
+    def _session(self, softcap: float, window: int, q_heads: int):
+        key = (softcap, window)
+        if key not in self.sessions:
+            from .decoder import export_layer_step
+            from .opmodels import session
+            self.sessions[key] = session(export_layer_step(self.dec, softcap, window, q_heads=q_heads))
+        return self.sessions[key]
+
+    def check(self, step: int, tap: dict, past: list[torch.Tensor], present: list[torch.Tensor]) -> None:
+        """``tap`` one layer's record (``dec.tap``), ``past`` / ``present`` torch's entries of that layer."""
+        s = self._session(tap["softcap"], tap["sliding_window"], tap["q"].shape[1])
+        feed = {"q": tap["q"].numpy(), "k": tap["k"].numpy(), "v": tap["v"].numpy()}
+        names = [i.name for i in s.get_inputs()][3:]
+        feed.update({n: t.numpy() for n, t in zip(names, past)})
+        out, *got = s.run(None, feed)
+        ref = tap["out"].numpy()
+        err = np.abs(out - ref)
+        self.errs.append(err)
+        self.layer_steps += 1
+        for n, a, b in zip(names, present, got):
+            a = np.ascontiguousarray(a.numpy())
+            d = int((a.view(np.uint8) != np.ascontiguousarray(b).view(np.uint8)).sum()) if a.shape == b.shape \
+                else a.nbytes
+            self.bytes += a.nbytes
+            self.bytes_differing += d
+            if d:
+                self.failures.append(dict(step=step, layer=tap["layer"], what=n.replace("past.", "present."),
+                                          bytes_differing=d, bytes=a.nbytes))
+        if not _within(err, ref, self.tol):   # after the bytes: a present that differs explains it
+            self.failures.append(dict(step=step, layer=tap["layer"], what="attention output",
+                                      max_abs=float(err.max())))
+
+    def report(self) -> dict[str, Any]:
+        return dict(layer_steps=self.layer_steps, graphs=len(self.sessions), present_bytes=self.bytes,
+                    present_bytes_differing=self.bytes_differing, attention_error=_stats(self.errs),
+                    attention_tolerance=dict(atol=self.tol.atol, rtol=self.tol.rtol),
+                    failures=self.failures[:10], within_tolerance=not self.failures and self.layer_steps > 0)
+
+
+def lockstep(sess, dec, prompt: torch.Tensor, steps: int, *, fixed_bytes: bool = False) -> dict[str, Any]:
     """Per step, onnxruntime on torch's exact inputs; see the module doc.
 
-    ``prompt`` (B, P) int64.  Returns torch's tokens (B, steps), per-step rows (logits of the
-    last position, their |Δ|, the first layer whose packed codes differ and by what fraction of
-    its code bytes) and per-output pooled errors / code-mismatch fractions."""
+    ``prompt`` (B, P) int64.  Returns torch's tokens (B, steps), per-step rows (logits of all
+    positions and their |Δ|, the first layer whose packed codes differ and by what fraction of its
+    code bytes) and per-output pooled errors / code-mismatch fractions; with ``fixed_bytes``, also
+    the report of the per-layer check on torch's own inputs (:class:`_FixedBytes`)."""
     names, pnames = dec.cache_names("past"), dec.cache_names("present")
     per_layer = len(names) // dec.layers
     past = dec.empty_past(prompt.shape[0])
     ids, n, toks, rows = prompt, 0, [], []
     errs: dict[str, list[np.ndarray]] = {"logits": []}
     diff_bytes: dict[str, list[int]] = {}
+    fixed = _FixedBytes(dec) if fixed_bytes else None
     with torch.no_grad():
-        for _ in range(steps):
+        for step in range(steps):
             pos = torch.arange(n, n + ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-            lg, *pres = dec(ids, pos, *past)
+            dec.tap = [] if fixed else None
+            try:
+                lg, *pres = dec(ids, pos, *past)
+                taps = dec.tap
+            finally:
+                dec.tap = None
             o = sess.run(None, {"input_ids": ids.numpy(), "position_ids": pos.numpy(),
                                 **{k: v.numpy() for k, v in zip(names, past)}})
-            errs["logits"].append(np.abs(o[0] - lg.numpy()))
+            err = np.abs(o[0] - lg.numpy())
+            errs["logits"].append(err)
             first, first_diff, fp16_ulps = None, None, 0
             for name, a, b in zip(pnames, pres, o[1:]):
                 a = a.numpy()
@@ -97,8 +168,10 @@ def lockstep(sess, dec, prompt: torch.Tensor, steps: int) -> dict[str, Any]:
                                       code_total=total)
                 if diff and first is None:
                     first = dict(layer=layer, bytes=diff, fraction=diff / total)
-            rows.append(dict(logits=lg[:, -1].numpy(), err=np.abs(o[0][:, -1] - lg[:, -1].numpy()),
-                             first_code_mismatch=first, first_difference=first_diff, fp16_ulps=fp16_ulps))
+                if fixed:
+                    fixed.check(step, taps[layer], past[sl], pres[sl])
+            rows.append(dict(logits=lg.numpy(), err=err, first_code_mismatch=first, first_difference=first_diff,
+                             fp16_ulps=fp16_ulps))
             n += ids.shape[1]
             past = pres
             ids = lg[:, -1].argmax(-1, keepdim=True)
@@ -106,54 +179,95 @@ def lockstep(sess, dec, prompt: torch.Tensor, steps: int) -> dict[str, Any]:
     outputs = {k: _stats(v) for k, v in errs.items()}
     for k, (d, total) in diff_bytes.items():
         outputs[k] = dict(code_mismatch=d / max(total, 1), bytes_compared=total)
-    return dict(torch_tokens=torch.cat(toks, 1).numpy(), steps=rows, outputs=outputs)
+    out = dict(torch_tokens=torch.cat(toks, 1).numpy(), steps=rows, outputs=outputs)
+    if fixed:
+        out["fixed_bytes"] = fixed.report()
+    return out
+
+
+def verdict(codec: str, steps: list[dict], free_err: list[np.ndarray], free_ref: list[np.ndarray],
+            fixed: dict) -> dict[str, Any]:
+    """The pass rule of :func:`agreement`.  ``steps``: :func:`lockstep` rows; ``free_err`` /
+    ``free_ref``: free-running |Δ| logits and torch's logits of the steps up to and including the
+    first divergence; ``fixed``: the fixed-bytes report.
+
+    ``within_tolerance`` needs all of
+    (1) the fixed-bytes check (:class:`_FixedBytes`): every layer, every step, present bytes equal,
+        attention output within the ``torch-ort`` entry;
+    (2) every lock-step step's logits within ``tolerance(codec, "end-to-end", "float32")`` when every
+        present field is identical, else within the ``float16`` entry: an fp32 value at a rounding
+        boundary moves an fp16 field by one ulp or a code by one step; that is allowed only where
+        the first layer whose present differs at all differs at boundaries alone (fp16 fields
+        ≤ 1 ulp or ``FP16_NOISE_FLOOR``; codes in at most ``max(codes.atol × its code bytes,
+        CODE_FLIP_BYTES)`` bytes), and only if its effect on the logits stays inside the float16
+        entry: a flip that moves the logits further is a real disagreement of the outputs, whatever
+        its cause (the fixed-bytes verdict says whether the ops are to blame);
+    (3) free-running, up to and including the first step whose greedy tokens differ: logits within
+        the float16 entry (both loops have the same token prefix there), so a divergence counts
+        only as a near-tie (torch's top-2 margin ≤ twice the bound), never as a free pass;
+    (4) at least one code-identical lock-step step, so the tight fp32 / fp16 part of (2) was tested.
+    Teacher-forced errors beyond the first divergence are reported, not bounded: onnxruntime's own
+    cache then holds other codes and the difference compounds."""
+    tol, tol16 = tolerance(codec, "end-to-end", "float32"), tolerance(codec, "end-to-end", "float16")
+    code_tol = tolerance(codec, "codes", "float32").atol
+
+    def boundary(d):   # the first differing layer of a step whose present differs
+        return d["fp16_ulps"] <= 1 and d["code_bytes"] <= max(code_tol * d["code_total"], CODE_FLIP_BYTES)
+    outside = [i for i, r in enumerate(steps)
+               if not (_within(r["err"], r["logits"], tol) if r["first_difference"] is None
+                       else boundary(r["first_difference"]) and _within(r["err"], r["logits"], tol16))]
+    free_ok = all(_within(e, b, tol16) for e, b in zip(free_err, free_ref))
+    identical = sum(r["first_code_mismatch"] is None for r in steps)
+    ok = bool(fixed["within_tolerance"]) and not outside and free_ok and identical > 0
+    return dict(within_tolerance=ok, steps_outside_tolerance=outside, free_running=free_ok,
+                code_identical_steps=identical,
+                present_identical_steps=sum(r["first_difference"] is None for r in steps),
+                tolerance=dict(atol=tol.atol, rtol=tol.rtol, float16=dict(atol=tol16.atol, rtol=tol16.rtol),
+                               codes=code_tol))
 
 
 def agreement(sess, dec, prompt: torch.Tensor, steps: int) -> dict[str, Any]:
-    """Lock-step, free-running and teacher-forced comparison (module doc) → a JSON-able report.
+    """Lock-step (with the fixed-bytes check), free-running and teacher-forced comparison (module
+    doc) → a JSON-able report.
 
-    ``within_tolerance``, per lock-step step: (a) every present field identical → last-position
-    logits within ``tolerance(codec, "end-to-end", "float32")``; (b) packed codes identical but
-    fp16 fields (scales, residual keys, the fp16 cache) differ → logits within the ``float16``
-    entry (an fp32 value at an fp16 rounding boundary moves by one fp16 ulp);
-    (c) packed codes differ somewhere → the first layer where torch and onnxruntime differ at
-    all differs only at boundaries: fp16 fields by at most one ulp (or ``FP16_NOISE_FLOOR``), codes in
-    at most ``max(tolerance(codec, "codes").atol × its code bytes, CODE_FLIP_BYTES)`` bytes;
-    later layers then see other inputs and the logits legitimately move by a code step, so they
-    are reported (teacher-forced errors too), not held to a tolerance."""
+    ``logit_error``: |torch − onnxruntime| logits in lock-step (onnxruntime on torch's exact inputs),
+    every position of every step: the one logit figure the verdict bounds.
+
+    ``within_tolerance``: :func:`verdict`."""
     from .decoder import greedy_ort
     name = dec.codec.name
-    ls = lockstep(sess, dec, prompt, steps)
+    ls = lockstep(sess, dec, prompt, steps, fixed_bytes=True)
     tt = ls["torch_tokens"]
-    ot, _ = greedy_ort(sess, dec, prompt, steps)
+    ot, ot_logits = greedy_ort(sess, dec, prompt, steps)
     _, tf_logits = greedy_ort(sess, dec, prompt, steps, force=tt)
     tf_tok = np.stack([lg.argmax(-1) for lg in tf_logits], 1)
-    tf_err = [np.abs(a - r["logits"]) for a, r in zip(tf_logits, ls["steps"])]
-    tol, tol16 = tolerance(name, "end-to-end", "float32"), tolerance(name, "end-to-end", "float16")
-    code_tol = tolerance(name, "codes", "float32").atol
-    clean = [r for r in ls["steps"] if r["first_code_mismatch"] is None]
-    flips = [r["first_code_mismatch"] for r in ls["steps"] if r["first_code_mismatch"] is not None]
-    within = lambda r, t: bool(np.all(r["err"] <= t.atol + t.rtol * np.abs(r["logits"])))
-
-    def boundary(d):   # the first differing layer of a step with differing codes
-        return d["fp16_ulps"] <= 1 and d["code_bytes"] <= max(code_tol * d["code_total"], CODE_FLIP_BYTES)
-    ok = all(within(r, tol) if r["fp16_ulps"] == 0 else within(r, tol16) for r in clean) \
-        and all(boundary(r["first_difference"]) for r in ls["steps"] if r["first_code_mismatch"] is not None)
+    last = [r["logits"][:, -1] for r in ls["steps"]]
+    tf_err = [np.abs(a - b) for a, b in zip(tf_logits, last)]
     same = (tt == ot).all(0)
     first_div = None if same.all() else int(np.argmin(same))
+    upto = steps if first_div is None else first_div + 1
+    free_err = [np.abs(a - b) for a, b in zip(ot_logits[:upto], last[:upto])]
+    v = verdict(name, ls["steps"], free_err, last[:upto], ls["fixed_bytes"])
+    flips = [r["first_code_mismatch"] for r in ls["steps"] if r["first_code_mismatch"] is not None]
+    identical = v["code_identical_steps"]
     return dict(
         steps=steps, batch=int(prompt.shape[0]), prompt_tokens=int(prompt.shape[1]),
         token_agreement=float((tt == ot).mean()), first_divergence=first_div,
+        free_running=dict(steps_compared=upto, logit_error=_stats(free_err), within_tolerance=v["free_running"]),
         teacher_forced=dict(token_agreement=float((tf_tok == tt).mean()), logit_error=_stats(tf_err)),
-        logit_error=_stats([r["err"] for r in ls["steps"]]),
-        logit_error_steps_with_equal_codes=dict(max=_stats([r["err"] for r in clean])["max"] if clean else 0.0,
-                                                steps=len(clean)),
-        fp16_flip_steps=sum(r["fp16_ulps"] > 0 for r in clean), code_mismatch_steps=len(flips),
+        logit_error=ls["outputs"]["logits"],
+        logit_error_steps_with_equal_codes=dict(
+            max=_stats([r["err"] for r in ls["steps"] if r["first_code_mismatch"] is None])["max"]
+            if identical else None, steps=identical),
+        code_identical_steps=identical, present_identical_steps=v["present_identical_steps"],
+        fp16_flip_steps=identical - v["present_identical_steps"], code_mismatch_steps=len(flips),
+        code_mismatch_at=[i for i, r in enumerate(ls["steps"]) if r["first_code_mismatch"] is not None],
+        steps_outside_tolerance=v["steps_outside_tolerance"],
         first_difference=[r["first_difference"] for r in ls["steps"]],
-        first_layer_code_mismatch=dict(max=max((f["fraction"] for f in flips), default=0.0), tolerance=code_tol),
-        outputs=ls["outputs"],
-        tolerance=dict(atol=tol.atol, rtol=tol.rtol), within_tolerance=bool(ok),
-        torch_tokens=tt.tolist(), ort_tokens=ot.tolist())
+        first_layer_code_mismatch=dict(max=max((f["fraction"] for f in flips), default=0.0),
+                                       tolerance=v["tolerance"]["codes"]),
+        fixed_bytes=ls["fixed_bytes"], outputs=ls["outputs"], tolerance=v["tolerance"],
+        within_tolerance=v["within_tolerance"], torch_tokens=tt.tolist(), ort_tokens=ot.tolist())
 
 
 # ----- kvexport compare --backend onnxruntime -------------------------------------------------
@@ -199,22 +313,26 @@ def write_reports(rep: dict[str, Any], out) -> None:
     g = lambda x: f"{x:.3g}"
     md = [f"# kvexport compare --backend onnxruntime — {rep['model']}", "",
           f"{rep['windows']} text window(s) × {rep['window_len']} tokens as prompts (one batch), prefill + "
-          f"{rep['steps'] - 1} greedy decode steps. Lock-step: onnxruntime runs on torch's exact inputs each step; "
-          "errors are |torch − onnxruntime| (logits: every position of every step; float fields pooled over "
-          "layers), packed uint8 fields give the fraction of bytes that differ. Free-running: each backend "
-          "feeds back its own tokens and cache. Teacher-forced: onnxruntime keeps its own cache but gets "
-          "torch's tokens.", "",
-          "| codec | export s | model bytes | logits max | mean | median | code mismatch (max over fields) | "
-          "steps with differing codes | token agreement | first divergence | teacher-forced agreement | "
-          "teacher-forced logit max | within tolerance |", "|" + "---|" * 13]
+          f"{rep['steps'] - 1} greedy decode steps. **logit |Δ| max** (the one logit figure): "
+          "|torch − onnxruntime| logits in lock-step (onnxruntime on torch's exact inputs: ids, positions, "
+          "past cache), every position of every step. **fixed bytes**: every layer of every step, the "
+          "exported layer step on torch's own q / k / v and packed past; bytes of its present that differ "
+          "from torch's (must be 0) and its attention output's max |Δ|. Code mismatch: fraction of packed "
+          "bytes that differ in the whole-model lock-step (max over fields). Free-running: each backend feeds "
+          "back its own tokens and cache; teacher-forced: onnxruntime keeps its own cache, gets torch's "
+          "tokens. **within tolerance**: the rule of `kvexport.onnx.agreement.verdict`.", "",
+          "| codec | export s | model bytes | logit \\|Δ\\| max | mean | median | fixed bytes: differing / "
+          "attention max | code mismatch | steps with differing codes | steps outside tolerance | "
+          "token agreement | first divergence | teacher-forced agreement | within tolerance |", "|" + "---|" * 14]
     for r in rep["codecs"]:
-        lo = r["outputs"]["logits"]
+        lo, fx = r["logit_error"], r["fixed_bytes"]
         cm = max((v["code_mismatch"] for v in r["outputs"].values() if "code_mismatch" in v), default=0.0)
         md.append(f"| {r['spec']} | {r['export_seconds']:.1f} | {sum(r['files'].values())} | {g(lo['max'])} | "
-                  f"{g(lo['mean'])} | {g(lo['median'])} | {g(cm)} | {r['code_mismatch_steps']}/{r['steps']} | "
-                  f"{r['token_agreement']:.3f} | {r['first_divergence']} | "
-                  f"{r['teacher_forced']['token_agreement']:.3f} | {g(r['teacher_forced']['logit_error']['max'])} | "
-                  f"{r['within_tolerance']} |")
+                  f"{g(lo['mean'])} | {g(lo['median'])} | {fx['present_bytes_differing']} / "
+                  f"{g(fx['attention_error']['max'])} | {g(cm)} | {r['code_mismatch_steps']}/{r['steps']} | "
+                  f"{len(r['steps_outside_tolerance'])}/{r['steps']} | {r['token_agreement']:.3f} | "
+                  f"{r['first_divergence']} | {r['teacher_forced']['token_agreement']:.3f} | "
+                  f"{'yes' if r['within_tolerance'] else 'NO'} |")
     for r in rep["codecs"]:
         md += ["", f"## {r['spec']}: per output", "", "| output | max | mean | median | code mismatch |",
                "|---|---|---|---|---|"]

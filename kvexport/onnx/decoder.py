@@ -35,19 +35,12 @@ from typing import Any
 
 import torch
 
+from ..codecs._core.numerics import store_fp16
 from ..ops import torch_ops
-from ..ops.registry import OpSpec, all_ops
+from ..ops.registry import ops_for
 
 ATTN_NAME = "kvexport_onnx_export"
 _ROUTE = "_kvexport_onnx_route"
-
-
-def _specs(codec_name: str) -> dict[str, OpSpec]:
-    out = {}
-    for s in all_ops():
-        if s.codec == codec_name:
-            out[s.role or "attention"] = s
-    return out
 
 
 class _Route:
@@ -92,7 +85,7 @@ class PackedCacheDecoder(torch.nn.Module):
                 raise ValueError(f"{type(m).__name__} (layer {getattr(m, 'layer_idx', '?')}): cross-attention "
                                  "is not exportable with a packed cache (decoder-only self-attention only)")
         self.window = int(getattr(codec.params, "window", 0) or 0)
-        self.specs = _specs(codec.name)
+        self.specs = ops_for(codec)   # this codec's layout: key / value encode, attention
         self.attrs = {k: (list(v) if isinstance(v, tuple) else v)
                       for k, v in dataclasses.asdict(codec.params).items() if v is not None}
         self.fields = {r: [f.name for f in codec.layout(self.head_dim, 1, r)] for r in ("key", "value")}
@@ -102,7 +95,8 @@ class PackedCacheDecoder(torch.nn.Module):
             raise ValueError(f"{codec.name}: a packed field named 'window' clashes with the fp16 window input")
         self._past: list[torch.Tensor] = []
         self._present: list[torch.Tensor] = []
-        torch_ops.register_all()
+        self.tap: list[dict] | None = None   # a list: every _layer_step appends its inputs and output
+        torch_ops.ops_of(codec)   # define this layout's torch ops before any export
 
     # ----- names and empty caches ---------------------------------------------
     def cache_names(self, prefix: str) -> list[str]:
@@ -132,7 +126,7 @@ class PackedCacheDecoder(torch.nn.Module):
         W tokens; the older ones (0 or more, in order) are encoded and appended to the packed fields.
         Returns (packed fields, window (B, Hkv, <=W, D) fp16)."""
         w = self.window
-        win = torch.cat([past["window"], x.to(torch.float16)], dim=2)
+        win = torch.cat([past["window"], store_fp16(x)], dim=2)  # NaN → 0, saturating (models.cache)
         # Python slices clamp like ONNX Slice: no overflow while the window is not full
         over, keep = win[:, :, :-w], win[:, :, -w:]
         packed = self._append(role, {f: past[f] for f in self.fields[role]}, over.to(x.dtype))
@@ -152,9 +146,24 @@ class PackedCacheDecoder(torch.nn.Module):
         self._present[base:base + n_k + n_v] = [ck[f] for f in self.entries["key"]] + [cv[f] for f in self.entries["value"]]
         att = self.specs["attention"]
         window = (ck["window"], cv["window"]) if self.window else ()
-        return torch_ops.op(att.name)(q, *[ck[f] for f in self.fields["key"]], *[cv[f] for f in self.fields["value"]],
-                                      *window, **self.attrs, causal=True, softcap=softcap,
-                                      sliding_window=sliding_window)
+        out = torch_ops.op(att.name)(q, *[ck[f] for f in self.fields["key"]], *[cv[f] for f in self.fields["value"]],
+                                     *window, **self.attrs, causal=True, softcap=softcap,
+                                     sliding_window=sliding_window)
+        if self.tap is not None:
+            self.tap.append(dict(layer=layer, q=q, k=k, v=v, softcap=softcap, sliding_window=sliding_window, out=out))
+        return out
+
+    def layer_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *past: torch.Tensor,
+                   softcap: float = 0.0, sliding_window: int = 0):
+        """One layer's cache step alone (the code the whole-model export runs per layer):
+        q (B, Hq, T, D), k / v (B, Hkv, T, D), ``past`` that layer's entries (``cache_names`` order)
+        → (attention output (B, Hq, T, D), *present entries)."""
+        self._past, self._present = list(past), [None] * len(past)
+        try:
+            out = self._layer_step(0, q, k, v, softcap=softcap, sliding_window=sliding_window)
+            return (out, *self._present)
+        finally:
+            self._past, self._present = [], []
 
     @contextlib.contextmanager
     def _routed(self):
@@ -204,6 +213,39 @@ def export_decoder(dec: PackedCacheDecoder, *, batch: int = 1, seq: int = 5, pas
     with torch.no_grad():
         return export_module(dec, (x_ids, x_pos, *pres), dynamic_shapes=dyn,
                              input_names=in_names, output_names=out_names, head_dim=dec.head_dim)
+
+
+class LayerStep(torch.nn.Module):
+    """``forward(q, k, v, *past) → (out, *present)``: :meth:`PackedCacheDecoder.layer_step` with
+    fixed ``softcap`` / ``sliding_window``, exportable on its own (the fixed-bytes check,
+    :func:`kvexport.onnx.agreement.fixed_bytes`)."""
+
+    def __init__(self, dec: PackedCacheDecoder, softcap: float = 0.0, sliding_window: int = 0):
+        super().__init__()
+        self.dec, self.softcap, self.sliding_window = dec, float(softcap), int(sliding_window)
+
+    def forward(self, q, k, v, *past):
+        return self.dec.layer_step(q, k, v, *past, softcap=self.softcap, sliding_window=self.sliding_window)
+
+
+def export_layer_step(dec: PackedCacheDecoder, softcap: float = 0.0, sliding_window: int = 0, *,
+                      q_heads: int, past: int = 70, seq: int = 5):
+    """Export one layer's step (:class:`LayerStep`; dynamic batch / sequence / past axes): inputs
+    ``q``, ``k``, ``v``, ``past.<field>``; outputs ``out``, ``present.<field>``."""
+    from .export import export_module
+    g = torch.Generator().manual_seed(0)
+    step = LayerStep(dec, softcap, sliding_window)
+    rnd = lambda h, t: torch.randn(1, h, t, dec.head_dim, generator=g)
+    empty = dec.empty_past(1)[:len(dec.entries["key"]) + len(dec.entries["value"])]
+    with torch.no_grad():
+        _, *pres = step(rnd(q_heads, past), rnd(dec.kv_heads, past), rnd(dec.kv_heads, past), *empty)
+    names = [f"{r}.{f}" for r in ("key", "value") for f in dec.entries[r]]
+    auto = torch.export.Dim.AUTO
+    dyn = ({0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, tuple({0: auto, 2: auto} for _ in pres))
+    with torch.no_grad():
+        return export_module(step, (rnd(q_heads, seq), rnd(dec.kv_heads, seq), rnd(dec.kv_heads, seq), *pres),
+                             dynamic_shapes=dyn, input_names=["q", "k", "v", *[f"past.{n}" for n in names]],
+                             output_names=["out", *[f"present.{n}" for n in names]], head_dim=dec.head_dim)
 
 
 def greedy_torch(dec: PackedCacheDecoder, prompt: torch.Tensor, steps: int):

@@ -22,8 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import IR_VERSION, OPSET
-from ..ops import torch_ops
-from ..ops.registry import DOMAIN, OpSpec, all_ops
+from ..ops.registry import DOMAIN, OpSpec, spec_for_node
 from .functions import build_function
 from .schemas import register_schemas
 from .translation import node_attributes
@@ -59,21 +58,20 @@ def make_node(spec: OpSpec, inputs: list[str], outputs: list[str], params: dict[
 
 def finalize(model: onnx.ModelProto, *, head_dim: int | None = None, check: bool = True) -> onnx.ModelProto:
     """Attach constants and reference functions to ``model`` in place; returns it."""
-    register_schemas()
-    specs = {s.name: s for s in all_ops()}
     graph = model.graph
     shapes = _static_shapes(graph)
     have_init = {i.name for i in graph.initializer}
     seen: dict[str, tuple] = {}
+    versions: dict[str, int] = {}
     functions: list[onnx.FunctionProto] = []
     for node in graph.node:
         if node.domain != DOMAIN:
             continue
-        spec = specs.get(node.op_type)
-        if spec is None:
-            raise ValueError(f"node {node.name or node.op_type}: unknown kvexport op {node.op_type!r}")
         attrs = _attr_dict(node)
-        codec = torch_ops.codec_from_attrs(spec, attrs)
+        try:
+            spec, codec = spec_for_node(node.op_type, attrs)
+        except ValueError as e:
+            raise ValueError(f"node {node.name or node.op_type}: {e}") from None
         first = node.input[0]
         d = (shapes.get(first) or [None])[-1] or head_dim
         if not d:
@@ -103,6 +101,7 @@ def finalize(model: onnx.ModelProto, *, head_dim: int | None = None, check: bool
                                  f"window use (the reference function is specialised): {seen[node.op_type]} vs {key}")
             continue
         seen[node.op_type] = key
+        versions[node.op_type] = spec.version
         functions.append(build_function(spec, codec, int(d), list(consts), window=window,
                                         causal=bool(attrs.get("causal", 1))))
     existing = {(f.domain, f.name) for f in model.functions}
@@ -111,12 +110,36 @@ def finalize(model: onnx.ModelProto, *, head_dim: int | None = None, check: bool
             raise ValueError(f"model already has a function {f.domain}::{f.name}")
         model.functions.append(f)
     # one domain import: the newest op version (an op of an older since_version stays valid)
-    _set_opset(model, DOMAIN, max((specs[n].version for n in seen), default=1))
+    _set_opset(model, DOMAIN, max(versions.values(), default=1))
     _set_opset(model, "", None)
     model.ir_version = IR_VERSION
     if check:
+        register_schemas()   # after the nodes named their layout variants
         onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def check_versions(model: onnx.ModelProto) -> None:
+    """Refuse (``ValueError``, one line) a graph whose kvexport nodes were written for another
+    packed-format version, or another layout, than the installed codecs give their
+    parameters (:func:`~kvexport.ops.registry.spec_for_node`).  Call it where a graph is loaded."""
+    newest = 0
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        attrs = _attr_dict(node)
+        if "plugin_version" not in attrs:
+            raise ValueError(f"node {node.name or node.op_type}: kvexport op {node.op_type} has no "
+                             "plugin_version attribute (not written by kvexport)")
+        try:
+            spec, _ = spec_for_node(node.op_type, attrs)
+        except ValueError as e:
+            raise ValueError(f"node {node.name or node.op_type}: {e}") from None
+        newest = max(newest, spec.version)
+    have = next((o.version for o in model.opset_import if o.domain == DOMAIN), None)
+    if newest and have != newest:
+        raise ValueError(f"the graph imports domain {DOMAIN} at version {have}, its ops need {newest}: "
+                         "re-export the model")
 
 
 def _set_opset(model: onnx.ModelProto, domain: str, version: int | None) -> None:

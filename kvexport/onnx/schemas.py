@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 from onnx.defs import OpSchema
 
-from ..ops.registry import DOMAIN, OpSpec, all_ops
+from ..ops.registry import DOMAIN, OpSpec, known_ops
 
 _ATTR = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT, "bool": OpSchema.AttrType.INT,
          "ints": OpSchema.AttrType.INTS, "str": OpSchema.AttrType.STRING}
@@ -45,14 +45,14 @@ def op_schema(spec: OpSpec, with_constants: bool = True) -> OpSchema:
 
 
 def register_schemas(with_constants: bool = True) -> None:
-    """Register every op's schema with ``onnx.defs`` (idempotent).
+    """Register every known op's schema with ``onnx.defs`` (idempotent).
 
     ``with_constants=False`` is the export-time variant without the trailing
     ``constants`` input: the exporter's builder treats a variadic input as required,
     and the constants are only appended by :func:`~kvexport.onnx.finalize.finalize`,
     which switches back to the full schema before checking.
     """
-    for spec in all_ops():
+    for spec in known_ops():   # default layouts + the variants named so far (ops_for)
         if _DONE.get(spec.name) == with_constants:
             continue
         if onnx.defs.has(spec.name, spec.version, DOMAIN):

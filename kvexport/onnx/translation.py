@@ -58,7 +58,8 @@ def _translation(spec: OpSpec) -> Callable:
 
 
 def translation_table() -> dict:
-    """``{torch.ops.kvexport.<Name>.default: translation}`` for every registry op."""
-    register_schemas(with_constants=False)
+    """``{torch.ops.kvexport.<Name>.default: translation}`` for every op defined in torch
+    (default layouts and the layout variants of codecs used so far)."""
     specs = torch_ops.register_all()
+    register_schemas(with_constants=False)
     return {torch_ops.op(name): _translation(spec) for name, spec in specs.items()}

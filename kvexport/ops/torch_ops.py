@@ -5,10 +5,12 @@ its tensors positionally and the codec parameters (plus ``causal``, ``softcap``
 and ``sliding_window`` for attention) as keyword-only attributes.  The eager
 kernel calls the codec's reference math; the fake kernel derives output shapes
 from ``Codec.layout`` so ``torch.export`` traces the ops with symbolic token counts.
+Ops are defined on first use; a codec object's own ops (layout variants included) come
+from :func:`ops_of`.
 
     >>> from kvexport.ops import torch_ops
-    >>> torch_ops.register_all()
-    >>> codes, scale, zero = torch.ops.kvexport.KiviValueEncode(v, bits=2)
+    >>> c = codecs.get("kivi", bits=2)
+    >>> codes, scale, zero = torch_ops.ops_of(c)["value"](v, **torch_ops.op_attrs(c))
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .registry import ATTENTION_ATTRS, DOMAIN, AttrSpec, OpSpec, all_ops
+from .registry import ATTENTION_ATTRS, DOMAIN, AttrSpec, OpSpec, all_ops, get_op, ops_for
 
 _LIB: torch.library.Library | None = None
 _REGISTERED: dict[str, OpSpec] = {}
@@ -63,6 +65,16 @@ def _codec_cached(cls, params: tuple):
     return cls(**dict(params))
 
 
+def _codec_for(spec: OpSpec, attrs: dict[str, Any]):
+    """``codec_from_attrs``, refusing parameters whose layout is another op's."""
+    c = codec_from_attrs(spec, attrs)
+    want = ops_for(c)[spec.role or "attention"].name
+    if want != spec.name:
+        raise ValueError(f"{spec.name} is the op of another layout than {c!r}: call {want} "
+                         "(kvexport.ops.registry.ops_for(codec))")
+    return c
+
+
 def _split(spec: OpSpec, args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any]]:
     tensors = {t.name: None for t in spec.inputs}
     for t, v in zip(spec.inputs, args):
@@ -101,14 +113,14 @@ def _make_impl(spec: OpSpec) -> Callable:
     if spec.kind == "encode":
         def impl(*args, **kwargs):
             tensors, attrs = _split(spec, args, kwargs)
-            c = codec_from_attrs(spec, attrs)
+            c = _codec_for(spec, attrs)
             p = c.encode(tensors["x"], spec.role)
             return [p[t.name].contiguous() for t in spec.outputs]
         return impl
 
     def attn(*args, **kwargs):
         tensors, attrs = _split(spec, args, kwargs)
-        c = codec_from_attrs(spec, attrs)
+        c = _codec_for(spec, attrs)
         q = tensors["q"]
         d = q.shape[-1]
         pk = packed_from_fields(c, "key", {n[2:]: tensors[n] for n in _field_names(spec, "k_")}, d, q.dtype)
@@ -153,7 +165,7 @@ def _make_fake(spec: OpSpec) -> Callable:
     if spec.kind == "encode":
         def fake(*args, **kwargs):
             tensors, attrs = _split(spec, args, kwargs)
-            c = codec_from_attrs(spec, attrs)
+            c = _codec_for(spec, attrs)
             x = tensors["x"]
             b, h, t, d = x.shape
             return [x.new_empty((b, h, *[_raw(s) for s in f.shape]), dtype=f.dtype)
@@ -166,23 +178,42 @@ def _make_fake(spec: OpSpec) -> Callable:
     return fake_attn
 
 
-def register_all() -> dict[str, OpSpec]:
-    """Define every registry op under ``torch.ops.kvexport`` (idempotent); returns name → spec."""
+def register(spec: OpSpec) -> None:
+    """Define ``spec`` under ``torch.ops.kvexport`` (idempotent)."""
     global _LIB
-    specs = all_ops()
+    if spec.name in _REGISTERED:
+        return
     if _LIB is None:
         _LIB = torch.library.Library(DOMAIN, "FRAGMENT")
-    for spec in specs:
-        if spec.name in _REGISTERED:
-            continue
-        _LIB.define(schema_string(spec))
-        _LIB.impl(spec.name, _make_impl(spec), "CompositeExplicitAutograd")
-        torch.library.register_fake(spec.qualname, _make_fake(spec), lib=_LIB)
-        _REGISTERED[spec.name] = spec
+    _LIB.define(schema_string(spec))
+    _LIB.impl(spec.name, _make_impl(spec), "CompositeExplicitAutograd")
+    torch.library.register_fake(spec.qualname, _make_fake(spec), lib=_LIB)
+    _REGISTERED[spec.name] = spec
+
+
+def register_all() -> dict[str, OpSpec]:
+    """Define every default-layout op (and the layout variants registered so far); returns
+    name → spec of every op defined under ``torch.ops.kvexport``."""
+    for spec in all_ops():
+        register(spec)
     return dict(_REGISTERED)
 
 
 def op(name: str):
-    """``torch.ops.kvexport.<name>.default`` (registering first)."""
+    """``torch.ops.kvexport.<name>.default`` (registering first); ``name`` as in
+    :func:`~kvexport.ops.registry.get_op`."""
     register_all()
+    register(get_op(name))
     return getattr(getattr(torch.ops, DOMAIN), name).default
+
+
+def op_attrs(codec) -> dict[str, Any]:
+    """The keyword attributes of ``codec``'s ops: its resolved parameters (None left out)."""
+    import dataclasses
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(codec.params).items() if v is not None}
+
+
+def ops_of(codec) -> dict[str, Any]:
+    """The torch ops of one codec object: ``{"key", "value", "attention"}`` → op."""
+    return {k: op(s.name) for k, s in ops_for(codec).items()}

@@ -10,8 +10,8 @@
 
 from ._build import LIB_NAME, PluginBuildError
 from ._build import build as build_plugin_library
-from .engine import Limits, PluginCoverageError
+from .engine import Limits, PluginCoverageError, plugin_support
 from .runtime import TrtUnavailable, backend
 
 __all__ = ["LIB_NAME", "Limits", "PluginBuildError", "PluginCoverageError", "TrtUnavailable", "backend",
-           "build_plugin_library"]
+           "build_plugin_library", "plugin_support"]

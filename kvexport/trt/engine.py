@@ -26,6 +26,39 @@ class PluginCoverageError(RuntimeError):
     """A kvexport node did not become a TensorRT plugin layer (no kernel, wrong version, parser fallback)."""
 
 
+def plugin_support(codec, head_dim: int | None = None) -> str | None:
+    """None if the TensorRT plugins run ``codec`` (at ``head_dim`` if given), else a one-line
+    reason naming the parameter: a setting the CUDA kernels are not compiled for
+    (:mod:`kvexport.kernels.support`), or a parameter whose packed layout is an op variant
+    (:func:`kvexport.ops.registry.ops_for`) no creator implements.  For ``kvexport build``
+    to refuse before exporting anything."""
+    from ..kernels.cache import supported
+    from ..kernels.support import kernel_support
+    from ..ops.registry import all_ops, ops_for
+    if not supported(codec):
+        return f"{codec.name} has no CUDA kernels, so no TensorRT plugins"
+    why = kernel_support(codec, head_dim)
+    if why:
+        return f"no TensorRT plugin: {why}"
+    have = {o.name for o in all_ops()}
+    variants = sorted(s.name for s in ops_for(codec).values() if s.name not in have)
+    if not variants:
+        return None
+    cls, base = type(codec), dataclasses.asdict(type(codec)().params)
+    changed = {k: v for k, v in dataclasses.asdict(codec.params).items() if v != base[k]}
+    culprits = []
+    for k, v in changed.items():  # the parameters that alone change the layout
+        try:
+            one = cls(**{k: tuple(v) if isinstance(v, list) else v})
+        except (TypeError, ValueError):
+            continue
+        if any(s.name not in have for s in ops_for(one).values()):
+            culprits.append(f"{codec.name}.{k}={v!r}")
+    named = ", ".join(culprits) or ", ".join(f"{codec.name}.{k}={v!r}" for k, v in changed.items())
+    return (f"no TensorRT plugin for the packed layout of {named} (op {', '.join(variants)}); "
+            f"the plugins implement {codec.name}'s default layout")
+
+
 def kvexport_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.domain == DOMAIN]
 

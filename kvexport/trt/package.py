@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shutil
 import time
@@ -51,9 +52,13 @@ def build_to_dir(model_spec: str, codec, out: Path, *, limits: engine.Limits | N
     trt = runtime.backend(backend_name)
     t_all = time.perf_counter()
     t_lib = time.perf_counter()
-    say("building the plugin library (cached after the first build)")
-    lib = _build.build(progress=say)     # before the export: fail fast without nvcc / headers
+    work: list[str] = []  # _build reports only work it does: nothing reported is a cache hit
+    lib = _build.build(progress=lambda s: (work.append(s), say(s)))  # before the export: fail fast
     lib_s = time.perf_counter() - t_lib
+    if os.environ.get("KVEXPORT_TRT_PLUGIN_LIB"):
+        say(f"using the plugin library KVEXPORT_TRT_PLUGIN_LIB={lib}")
+    else:
+        say(f"plugin library {lib} ready in {lib_s:.0f} s" if work else f"using the cached plugin library {lib}")
     shutil.copy2(lib, out / _build.LIB_NAME)
     onnx_dir = out / "onnx"
     onnx_dir.mkdir()

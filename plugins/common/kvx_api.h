@@ -7,7 +7,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define KVX_ABI_VERSION 4
+#define KVX_ABI_VERSION 5
 #define KVX_MAX_FIELDS 8  // qjl keys use 6
 #define KVX_MAX_CONSTS 4
 
@@ -48,10 +48,13 @@ typedef struct {
   int32_t sliding_window;           // > 0: keys at positions > query position - sliding_window only
   int32_t q_tokens;                 // Tq query tokens per sequence, causal per token (<= 0 means 1)
   int64_t q_sT, o_sT;               // element strides of q / out between query tokens
+  // ABI 5: tokens the packed buffers hold per sequence; the launcher refuses max_len > capacity.
+  int32_t capacity;
 } KvxDecodeArgs;
 
 // Append: encode n_new tokens per sequence at positions lens[b] .. lens[b]+n_new-1
-// of preallocated packed buffers, in place.  lens is not updated.
+// of preallocated packed buffers, in place.  lens is not updated; the launcher refuses
+// max_len + n_new > capacity (every lens[b] <= max_len is the caller's promise).
 typedef struct {
   int32_t batch, kv_heads, head_dim, n_new;
   int32_t x_dtype;                  // 0 = fp16, 1 = bf16, 2 = fp32
@@ -61,7 +64,15 @@ typedef struct {
   KvxField f[KVX_MAX_FIELDS];
   const float* consts[KVX_MAX_CONSTS];
   int32_t bits, group, value_group, block;
+  // ABI 5: host bound >= max(lens), and tokens the packed buffers hold per sequence.
+  int32_t max_len, capacity;
 } KvxAppendArgs;
+
+// Bounds every launcher checks first (host side; lens itself lives on the device): decode
+// 0 <= max_len <= capacity, append n_new >= 0, max_len >= 0, max_len + n_new <= capacity.
+// 0, or cudaErrorInvalidValue with the message for kvx_last_error().
+int kvx_check_decode_bounds(const KvxDecodeArgs* a, const char* codec);
+int kvx_check_append_bounds(const KvxAppendArgs* a, const char* codec);
 
 #ifdef __cplusplus
 }

@@ -31,12 +31,6 @@ __device__ __forceinline__ float loadAct(const void* p, int64_t i, int dtype) {
   return static_cast<const float*>(p)[i];
 }
 
-__device__ __forceinline__ void storeAct(void* p, int64_t i, int dtype, float v) {
-  if (dtype == 0) static_cast<__half*>(p)[i] = __float2half_rn(v);
-  else if (dtype == 1) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
-  else static_cast<float*>(p)[i] = v;
-}
-
 // The encoders' input policy (numerics.sanitize): NaN -> 0, +-Inf -> +-65504.
 __device__ __forceinline__ float sanitize(float x) {
   if (isnan(x)) return 0.f;
@@ -47,6 +41,12 @@ __device__ __forceinline__ float sanitize(float x) {
 // Saturating fp32 -> fp16 (numerics.to_fp16).
 __device__ __forceinline__ __half toFp16(float x) {
   return __float2half_rn(fminf(fmaxf(x, -kFP16_MAX), kFP16_MAX));
+}
+
+__device__ __forceinline__ void storeAct(void* p, int64_t i, int dtype, float v) {
+  if (dtype == 0) static_cast<__half*>(p)[i] = toFp16(v);  // saturating, like Codec.attend's output clamp
+  else if (dtype == 1) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else static_cast<float*>(p)[i] = v;
 }
 
 // NW little-endian 32-bit words holding NBYTES packed bytes starting at p

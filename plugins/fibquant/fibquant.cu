@@ -2,6 +2,7 @@
 // a.block = k (coordinates per index), a.bits = log2(N) (index bits).
 // consts: 0 = rotation Π (D, D), 1 = codebook C (N, k).
 #include "../common/decode_attention.cuh"
+#include "../common/rotated_codebook_v2.cuh"
 #include "../common/rotated_codebook.cuh"
 
 extern "C" int kvx_finish(int e);
@@ -12,6 +13,13 @@ template <int K, int IB>
 cudaError_t decodeKB(const KvxDecodeArgs& a, cudaStream_t s) {
   using R = kvx::RotCodebookOf<K, IB>;
   return kvx::dispatchDecode<R::template R, R::template R>(a, s, "fibquant");
+}
+
+template <int K, int IB>
+cudaError_t decodeKBV2(const KvxDecodeArgs& a, cudaStream_t s) {
+  using R = kvx::RotCodebookOf<K, IB>;
+  using R2 = kvx::v2::RotCodebookV2Of<K, IB>;
+  return kvx::v2::dispatchDecodeV2<R2::template R, R2::template R, R::template R, R::template R>(a, s, "fibquant");
 }
 
 // The (k, log2 N) pairs compiled: the paper's operating points and the rate sweep.
@@ -32,13 +40,24 @@ cudaError_t byKB(int k, int ib, F&& f) {
 
 extern "C" int kvx_fibquant_decode(const KvxDecodeArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_decode_bounds(a, "fibquant")) return kvx_finish(e);
   return kvx_finish(byKB(a->block, a->bits, [&](auto k, auto ib) {
     return decodeKB<decltype(k)::value, decltype(ib)::value>(*a, s);
   }));
 }
 
+// v2: packed codes through a cp.async pipeline, dequantized into MMA fragments (decode_v2.cuh).
+extern "C" int kvx_fibquant_decode_v2(const KvxDecodeArgs* a, cudaStream_t s) {
+  kvx::clearError();
+  if (int e = kvx_check_decode_bounds(a, "fibquant")) return kvx_finish(e);
+  return kvx_finish(byKB(a->block, a->bits, [&](auto k, auto ib) {
+    return decodeKBV2<decltype(k)::value, decltype(ib)::value>(*a, s);
+  }));
+}
+
 extern "C" int kvx_fibquant_append(const KvxAppendArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_append_bounds(a, "fibquant")) return kvx_finish(e);
   return kvx_finish(byKB(a->block, a->bits, [&](auto k, auto ib) {
     return kvx::launchRotEncode<decltype(k)::value, decltype(ib)::value>(*a, s);
   }));

@@ -31,6 +31,7 @@ cudaError_t checkGroups(int D, int group, int vg) {
 
 extern "C" int kvx_kivi_decode(const KvxDecodeArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_decode_bounds(a, "kivi")) return kvx_finish(e);
   if (cudaError_t e = checkGroups(a->head_dim, a->group, a->value_group)) return kvx_finish(e);
   return kvx_finish(byBits(a->bits, [&](auto bits) {
     using R = kvx::KiviOf<decltype(bits)::value>;
@@ -40,6 +41,7 @@ extern "C" int kvx_kivi_decode(const KvxDecodeArgs* a, cudaStream_t s) {
 
 extern "C" int kvx_kivi_append(const KvxAppendArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_append_bounds(a, "kivi")) return kvx_finish(e);
   if (cudaError_t e = checkGroups(a->head_dim, a->group, a->value_group)) return kvx_finish(e);
   if (a->head_dim != 64 && a->head_dim != 128 && a->head_dim != 256) {
     kvx::setError("kivi: head_dim %d not supported (64, 128, 256)", a->head_dim);

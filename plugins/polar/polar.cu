@@ -30,6 +30,7 @@ cudaError_t checkPolar(int levels, int bits, int D) {
 
 extern "C" int kvx_polar_decode(const KvxDecodeArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_decode_bounds(a, "polar")) return kvx_finish(e);
   if (cudaError_t e = checkPolar(a->block, a->bits, a->head_dim)) return kvx_finish(e);
   using R = kvx::PolarOf<4>;
   return kvx_finish(kvx::dispatchDecode<R::template R, R::template R>(*a, s, "polar"));
@@ -37,6 +38,7 @@ extern "C" int kvx_polar_decode(const KvxDecodeArgs* a, cudaStream_t s) {
 
 extern "C" int kvx_polar_append(const KvxAppendArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_append_bounds(a, "polar")) return kvx_finish(e);
   if (cudaError_t e = checkPolar(a->block, a->bits, a->head_dim)) return kvx_finish(e);
   if (a->n_new == 0) return 0;
   const dim3 grid(a->n_new, a->kv_heads, a->batch);

@@ -68,6 +68,7 @@ cudaError_t launch(const KvxDecodeArgs& a, cudaStream_t s) {
 
 extern "C" int kvx_qjl_decode(const KvxDecodeArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_decode_bounds(a, "qjl")) return kvx_finish(e);
   if (cudaError_t e = checkArgs(a->head_dim, a->bits, a->group, a->value_group, a->block)) return kvx_finish(e);
   if (a->kv_heads <= 0 || a->q_heads % a->kv_heads || a->q_heads / a->kv_heads > 16) {
     kvx::setError("qjl: GQA ratio %d/%d not supported (a multiple, <= 16)", a->q_heads, a->kv_heads);
@@ -86,6 +87,7 @@ extern "C" int kvx_qjl_decode(const KvxDecodeArgs* a, cudaStream_t s) {
 
 extern "C" int kvx_qjl_append(const KvxAppendArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_append_bounds(a, "qjl")) return kvx_finish(e);
   if (cudaError_t e = checkArgs(a->head_dim, a->bits, a->group, a->value_group, a->block)) return kvx_finish(e);
   if (a->n_new == 0) return 0;
   if (a->role == 1) {

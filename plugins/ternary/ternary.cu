@@ -33,12 +33,14 @@ cudaError_t checkTernary(int D, int bits, int kg, int grp) {
 
 extern "C" int kvx_ternary_decode(const KvxDecodeArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_decode_bounds(a, "ternary")) return kvx_finish(e);
   if (cudaError_t e = checkTernary(a->head_dim, a->bits, a->group, a->value_group)) return kvx_finish(e);
   return kvx_finish(kvx::dispatchDecode<kvx::TernaryKey, kvx::TernaryValue>(*a, s, "ternary"));
 }
 
 extern "C" int kvx_ternary_append(const KvxAppendArgs* a, cudaStream_t s) {
   kvx::clearError();
+  if (int e = kvx_check_append_bounds(a, "ternary")) return kvx_finish(e);
   if (cudaError_t e = checkTernary(a->head_dim, a->bits, a->group, a->value_group)) return kvx_finish(e);
   if (a->n_new == 0) return 0;
   const int D = a->head_dim, planes = kvx::ternaryPlanes(a->bits, a->role == 0);

@@ -41,6 +41,33 @@ def test_params_bits_and_N_resolve_to_one_spec():
         codecs.get("fibquant", k=3, N=8).encode(torch.zeros(1, 1, 2, 64))
 
 
+def test_rate_picks_k_so_the_codebook_stays_fittable():
+    """bits alone picks k: 4 (the paper's block) unless N would pass 256 (then 2, 1): bits=4 used
+    to resolve to k=4, N=65536 with 16384 samples and fit for minutes without a word."""
+    assert (codecs.from_spec("fibquant:bits=4").params.k, codecs.from_spec("fibquant:bits=4").params.N) == (2, 256)
+    for bits, kn in ((0.5, (4, 4)), (1.5, (4, 64)), (2, (4, 256)), (3, (2, 64)), (8, (1, 256))):
+        p = codecs.get("fibquant", bits=bits).params
+        assert (p.k, p.N, p.bits) == (*kn, bits), bits
+    assert codecs.get("fibquant", N=64).params.k == 4                # N alone: the default block
+    assert codecs.get("fibquant", k=8, bits=0.5).params.N == 16      # k given: kept
+
+
+def test_more_codewords_than_samples_is_refused():
+    for bad in ({"k": 4, "bits": 4}, {"N": 65536}, {"N": 2048, "samples": 1024}):
+        with pytest.raises(ValueError, match=r"fibquant\.N \(\d+\) exceeds fibquant\.samples") as e:
+            codecs.get("fibquant", **bad)
+        assert "\n" not in str(e.value)
+    assert codecs.get("fibquant", N=1024, samples=1024).params.N == 1024
+
+
+def test_codebook_fit_reports_progress(monkeypatch, capsys):
+    """A fit longer than ``_PROGRESS_AFTER_S`` shows a tqdm bar (rate, ETA) on stderr."""
+    monkeypatch.setattr(fq, "_PROGRESS_AFTER_S", 0.0, raising=False)
+    fq._fit(16, 2, 8, restarts=1, iters=3, samples=1024, seed=0)
+    err = capsys.readouterr().err
+    assert "fibquant codebook (d=16, k=2, N=8)" in err and "iter" in err, err
+
+
 @pytest.mark.parametrize("k,N", [(4, 64), (8, 16)])
 def test_fractional_and_sub_one_bit_rates(k, N):
     c = codecs.get("fibquant", k=k, N=N)

@@ -49,27 +49,19 @@ _NP = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.uin
 
 
 @pytest.fixture(scope="module")
-def plugin_lib():
-    if os.environ.get("KVEXPORT_TRT_PLUGIN_LIB"):
-        return Path(os.environ["KVEXPORT_TRT_PLUGIN_LIB"])
-    from kvexport.trt import PluginBuildError, build_plugin_library
+def plugin_lib(build_plugins):
     major, minor = torch.cuda.get_device_capability()
-    try:
-        return build_plugin_library([f"{major}{minor}"])
-    except PluginBuildError as e:
-        pytest.skip(str(e).splitlines()[0])
+    return build_plugins([f"{major}{minor}"])  # a build failure here fails, never skips
 
 
 @pytest.fixture(scope="module")
-def harness(plugin_lib, tmp_path_factory):
+def harness(plugin_lib, require, tmp_path_factory):
     """``run(case_dirs) -> [result dict]``: the C++ harness, compiled with nvcc (static cudart)."""
-    from kvexport.kernels._build import find_nvcc
+    from kvexport._toolchain import find_nvcc
     from kvexport.trt._build import header_dir
     exe = os.environ.get("KVEXPORT_TRT_HARNESS")
     if not exe:
-        nvcc = find_nvcc()
-        if nvcc is None:
-            pytest.skip("nvcc not found: cannot build the plugin harness")
+        nvcc = require(find_nvcc(), "nvcc not found: cannot build the plugin harness")
         exe = str(tmp_path_factory.mktemp("harness") / "plugin_harness")
         src = Path(__file__).resolve().parents[1] / "trt" / "plugin_harness.cpp"
         subprocess.run([nvcc, "-std=c++17", "-O2", "-Xcompiler", "-Wno-deprecated-declarations",

@@ -14,8 +14,7 @@ import torch
 from kvexport import codecs
 from kvexport.tolerances import tolerance
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("transformers")
+pytestmark = pytest.mark.requires("onnxruntime", "transformers")
 
 
 def _roundtrip(family: str, codec: str, steps: int = 12):
@@ -137,13 +136,21 @@ def test_cli_bad_inputs_fail_with_one_line(tmp_path, args, needle):
 def test_default_model_exports_and_decodes(tmp_path, default_model_path, codec):
     """The default model (30 layers) exports, passes the full check and decodes in onnxruntime.
 
-    Logits on code-identical steps are held to the float16 end-to-end entry: the float32 entry
-    (1e-3) is not met by the 30-layer model even with the fp16 codec (max 3.7e-3 measured);
-    steps where a value crossed a code boundary are reported, not asserted (docs/ONNX.md)."""
+    Fixed bytes: every layer of every step gives torch's present bytes on torch's own inputs (no
+    GEMM order in between).  At least half the steps are code-identical, and every step outside the
+    report's rule (``kvexport.onnx.agreement.verdict``) is one whose packed codes differ: with no code
+    flip the report must read within tolerance.  A flip in the 30-layer model can legitimately move
+    the logits past the float16 bound (measured here, 8 steps: qjl 2.25 in the prefill, ternary 0.39),
+    and then the report says OUTSIDE: that verdict is asserted to have this cause, not excused."""
     from kvexport.onnx.package import export_to_dir
-    res = export_to_dir("default", codecs.from_spec(codec), tmp_path, verify_steps=8)
+    steps = 8
+    res = export_to_dir("default", codecs.from_spec(codec), tmp_path, verify_steps=steps)
     onnx.checker.check_model(str(tmp_path / "model.onnx"), full_check=True)
     rep = res["report"]
-    tol = tolerance(codec, "end-to-end", "float16")
-    assert rep["logit_error_steps_with_equal_codes"]["max"] <= tol.atol, rep
-    assert rep["torch_tokens"][0][0] == rep["ort_tokens"][0][0]
+    fx = rep["fixed_bytes"]
+    assert fx["layer_steps"] == 30 * steps and fx["present_bytes_differing"] == 0, fx
+    assert fx["within_tolerance"], fx
+    assert rep["code_identical_steps"] >= steps // 2, rep["first_difference"]
+    assert set(rep["steps_outside_tolerance"]) <= set(rep["code_mismatch_at"]), rep["steps_outside_tolerance"]
+    if not rep["code_mismatch_at"]:
+        assert rep["within_tolerance"], {k: rep[k] for k in ("logit_error", "free_running", "first_difference")}

@@ -14,7 +14,7 @@ from kvexport.onnx.export import export_module
 from kvexport.onnx.opmodels import session
 from kvexport.tolerances import tolerance
 
-pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.requires("onnxruntime")
 
 
 class EncodeAttend(torch.nn.Module):

@@ -10,8 +10,7 @@ import torch
 
 from kvexport import codecs
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("transformers")
+pytestmark = pytest.mark.requires("onnxruntime", "transformers")
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2", "gemma", "gpt2"])
 def test_decoder_matches_transformers(family):

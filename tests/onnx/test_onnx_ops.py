@@ -16,7 +16,7 @@ from kvexport.onnx import IR_VERSION
 from kvexport.onnx.opmodels import session, single_op_model
 from kvexport.tolerances import tolerance
 
-pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.requires("onnxruntime")
 
 HEAD_DIMS = (64, 128, 256)
 SPECS = {s.name: s for s in all_ops()}
@@ -172,3 +172,39 @@ def test_bad_attribute_is_rejected_with_the_parameter_name():
         single_op_model(SPECS["KiviKeyEncode"], {"bits": 9}, 64)
     with pytest.raises(ValueError, match=r"fibquant\.k"):
         single_op_model(SPECS["FibQuantKeyEncode"], {"k": 3}, 64)
+
+
+def _set_plugin_version(m: onnx.ModelProto, version: str) -> onnx.ModelProto:
+    for a in m.graph.node[0].attribute:
+        if a.name == "plugin_version":
+            a.s = version.encode()
+    return m
+
+
+def test_graph_of_another_format_version_is_refused_by_name():
+    """A graph whose kvexport nodes carry another op version than the installed codec's packed
+    format gives (ternary: format 2 → encode ops 2) is refused where a graph is loaded."""
+    from kvexport.onnx.finalize import check_versions, finalize
+    spec = SPECS["TernaryKeyEncode"]
+    assert spec.version == codecs.codec_class("ternary").version == 2
+    m = single_op_model(spec, {}, 64)
+    check_versions(m)                                    # as written: accepted
+    old = _set_plugin_version(onnx.ModelProto.FromString(m.SerializeToString()), "1")
+    with pytest.raises(ValueError, match=r"TernaryKeyEncode has version 1.*ternary packed format \(version 2\)") as e:
+        check_versions(old)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"has version 1"):
+        finalize(old, head_dim=64)
+    low = onnx.ModelProto.FromString(m.SerializeToString())
+    next(o for o in low.opset_import if o.domain == "kvexport").version = 1
+    with pytest.raises(ValueError, match=r"imports domain kvexport at version 1, its ops need 2"):
+        check_versions(low)
+
+
+def test_node_of_another_layout_is_refused_by_name():
+    """A default-layout node whose parameters give another layout (qjl outliers=0) is refused."""
+    from kvexport.onnx.finalize import check_versions
+    m = single_op_model(SPECS["QjlKeyEncode"], {}, 64)
+    next(a for a in m.graph.node[0].attribute if a.name == "outliers").i = 0
+    with pytest.raises(ValueError, match=r"QjlKeyEncode does not match the layout.*QjlKeyEncode_[0-9a-f]{8}"):
+        check_versions(m)

@@ -4,7 +4,6 @@ plugins) and one Python definition (kvexport.kernels.num_splits_for): they must 
 from __future__ import annotations
 
 import ctypes
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,10 +15,7 @@ SRC = Path(__file__).resolve().parents[2] / "plugins" / "common" / "kvx_splits.c
 
 
 @pytest.fixture(scope="module")
-def c_rule(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
+def c_rule(cxx, tmp_path_factory):
     lib = tmp_path_factory.mktemp("splits") / "libkvx_splits.so"
     subprocess.run([cxx, "-x", "c++", "-O1", "-shared", "-fPIC", str(SRC), "-o", str(lib)], check=True,
                    capture_output=True, text=True)

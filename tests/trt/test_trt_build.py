@@ -139,13 +139,9 @@ def test_missing_plugin_library_is_a_clear_error(trt, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def roundtrip(plugin_lib, tmp_path_factory):
+def roundtrip(plugin_lib, cxx, tmp_path_factory):
     """The C++ creator harness (tests/trt/plugin_roundtrip.cpp), built with g++ against the same headers."""
-    import shutil
     from kvexport.trt._build import header_dir
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler")
     exe = tmp_path_factory.mktemp("harness") / "plugin_roundtrip"
     src = Path(__file__).with_name("plugin_roundtrip.cpp")
     cuda_inc = [f"-I{p}" for p in ("/usr/local/cuda/include",) if Path(p).is_dir()]
@@ -157,6 +153,50 @@ def roundtrip(plugin_lib, tmp_path_factory):
         r = subprocess.run([str(exe), str(plugin_lib), op, version, *args], capture_output=True, text=True, timeout=60)
         return r.returncode, json.loads(r.stdout), r.stderr
     return run
+
+
+def _full(op: str, **fields) -> dict:
+    """The fields the exporter writes for ``op`` at its codec's default parameters, then ``fields``."""
+    from kvexport.onnx.translation import node_attributes
+    spec = get_op(op)
+    params = {k: v for k, v in codecs.codec_class(spec.codec)().spec()["params"].items() if v is not None}
+    out = {k: v for k, v in node_attributes(spec, params).items() if not k.startswith("plugin_")}
+    return {**out, **fields}
+
+
+def _required(op: str) -> list[str]:
+    return [a.name for a in get_op(op).attrs if a.default is not None]
+
+
+PLUGIN_OPS = [o.name for o in all_ops() if o.codec in PLUGIN_CODECS]
+
+
+@pytest.mark.parametrize("op", PLUGIN_OPS)
+def test_empty_field_collection_is_refused(roundtrip, op):
+    rc, out, err = roundtrip(op, str(get_op(op).version))
+    assert rc == 1 and "refused the fields" in out["error"], (out, err)
+    names = ", ".join(f"'{n}'" for n in _required(op))
+    assert f"{op} v{get_op(op).version}: missing required field(s) {names}" in err, err
+
+
+@pytest.mark.parametrize("op", PLUGIN_OPS)
+def test_missing_required_field_is_refused_by_name(roundtrip, op):
+    version = str(get_op(op).version)
+    rc, out, err = roundtrip(op, version, **_full(op))
+    assert rc == 0, (out, err)
+    for name in _required(op):
+        fields = _full(op)
+        del fields[name]
+        rc, out, err = roundtrip(op, version, **fields)
+        assert rc == 1 and f"missing required field(s) '{name}' (" in err, (name, err)
+
+
+@pytest.mark.parametrize("op", ["TurboKeyEncode", "TernaryAttention", "QjlValueEncode"])
+def test_other_plugin_version_has_no_creator(roundtrip, op):
+    v = get_op(op).version
+    for other in (v - 1, v + 1):
+        rc, out, _ = roundtrip(op, str(other), **_full(op))
+        assert rc == 1 and f"no creator {op} version {other}" in out["error"]
 
 
 @pytest.mark.parametrize("op,fields", [
@@ -171,33 +211,61 @@ def roundtrip(plugin_lib, tmp_path_factory):
 ])
 def test_fields_round_trip_through_serialization(roundtrip, op, fields):
     spec = get_op(op)
-    rc, out, err = roundtrip(op, str(spec.version), **fields)
+    rc, out, err = roundtrip(op, str(spec.version), **_full(op, **fields))
     assert rc == 0, (out, err)
     assert out["name"] == op and out["namespace"] == "kvexport" and out["version"] == str(spec.version)
     assert out["build"] == out["runtime"]
     for k, v in fields.items():
         assert out["runtime"][k] == (v if isinstance(v, (list, str)) else [v]), k
-    # fields the node omits take the registry default
-    for a in spec.attrs:
-        if a.name not in fields and a.default is not None and a.type not in ("ints", "str"):
-            assert out["runtime"][a.name] == [a.default], a.name
+
+
+def _refused(roundtrip, op, **fields) -> str:
+    rc, out, err = roundtrip(op, str(get_op(op).version), **_full(op, **fields))
+    assert rc == 1, (op, fields, out)
+    return err
 
 
 def test_out_of_range_fields_are_refused(roundtrip):
-    rc, out, err = roundtrip("TurboKeyEncode", "1", bits=5)
-    assert rc == 1 and "turbo.bits must be one of 1, 2, 3, 4, 8" in err
-    rc, out, err = roundtrip("FibQuantKeyEncode", "1", k=4, N=32)
-    assert rc == 1 and "fibquant (k=4, N=32) has no CUDA kernel" in err
-    rc, out, err = roundtrip("PolarKeyEncode", "1", level_bits=[4, 2, 2], levels=4)
-    assert rc == 1 and "polar needs levels = 4 and level_bits with 4 entries" in err
-    rc, out, err = roundtrip("KiviAttention", str(get_op("KiviAttention").version), bits=5)
-    assert rc == 1 and "kivi.bits must be one of 2, 3, 4, 8" in err
-    rc, out, err = roundtrip("TernaryKeyEncode", "1", key_axis="token")
-    assert rc == 1 and "ternary.key_axis must be 'channel'" in err
-    rc, out, err = roundtrip("QjlKeyEncode", "1", outliers=0)
-    assert rc == 1 and "qjl.outliers must be >= 1" in err
-    rc, out, _ = roundtrip("TurboKeyEncode", "2", bits=3)
-    assert rc == 1 and "no creator TurboKeyEncode version 2" in out["error"]
+    assert "turbo.bits must be one of 1, 2, 3, 4, 8" in _refused(roundtrip, "TurboKeyEncode", bits=5)
+    assert "fibquant (k=4, N=32) has no CUDA kernel" in _refused(roundtrip, "FibQuantKeyEncode", k=4, N=32)
+    assert "polar needs level_bits with one entry per level" in _refused(roundtrip, "PolarKeyEncode",
+                                                                          level_bits=[4, 2, 2], levels=4)
+    assert "polar.levels must be one of 4" in _refused(roundtrip, "PolarKeyEncode", level_bits=[4, 2, 2], levels=3)
+    assert "kivi.bits must be one of 2, 3, 4, 8" in _refused(roundtrip, "KiviAttention", bits=5)
+    assert "ternary.key_axis must be 'channel'" in _refused(roundtrip, "TernaryKeyEncode", key_axis="token")
+    assert "qjl.outliers must be >= 1" in _refused(roundtrip, "QjlKeyEncode", outliers=0)
+    assert "qjl.outlier_m must be a multiple of 8 in [8, 4096]" in _refused(roundtrip, "QjlKeyEncode", outlier_m=8192)
+
+
+def _sweep():
+    """Every codec's rate sweep and default, plus settings the kernels lack, as codec specs."""
+    out = []
+    for name in PLUGIN_CODECS:
+        cls = codecs.codec_class(name)
+        out.append(name)
+        out += [name + ":" + ",".join(f"{k}={'/'.join(map(str, v)) if isinstance(v, tuple) else v}"
+                                      for k, v in p.items()) for p in cls.RATE_SWEEP]
+    return out + ["turbo:bits=5", "turbo:bits=6", "fibquant:k=4,N=32", "fibquant:k=2,N=256", "kivi:bits=5",
+                  "polar:levels=3", "qjl:outlier_m=8192,bits=1.0", "ternary:key_planes=8,value_planes=8"]
+
+
+@pytest.mark.parametrize("spec", _sweep())
+def test_plugin_support_agrees_with_the_creators(roundtrip, spec):
+    """kvexport.trt.plugin_support (what ``kvexport build`` refuses up front) and the C++ creators
+    (the generated tables) accept exactly the same settings, as the exporter writes them."""
+    from kvexport.onnx.translation import node_attributes
+    from kvexport.ops.registry import ops_for
+    from kvexport.trt import plugin_support
+    codec = codecs.from_spec(spec)
+    why = plugin_support(codec)
+    params = {k: v for k, v in codec.spec()["params"].items() if v is not None}
+    for op in ops_for(codec).values():
+        if op.name not in PLUGIN_OPS:
+            assert why, (spec, op.name)  # a layout variant: no creator, so refused up front
+            continue
+        fields = {k: v for k, v in node_attributes(op, params).items() if not k.startswith("plugin_")}
+        rc, out, err = roundtrip(op.name, str(op.version), **fields)
+        assert (rc == 0) == (why is None), (spec, op.name, why, err)
 
 
 def test_dlopen_without_tensorrt_registry_is_safe(trt, plugin_lib):
@@ -236,3 +304,27 @@ def test_kvexport_build_tiny_decoder(plugin_lib, tmp_path, model, codec, monkeyp
     assert (kv["compression_vs_fp16"] == 1.0) == (codec == "fp16")
     assert cfg["limits"]["max_batch"] == 2 and "report" not in cfg
     assert "| engine size |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("spec,named", [("fibquant:k=4,N=32", "(k=4, N=32)"),
+                                        ("ternary:key_axis=token", "ternary.key_axis='token'"),
+                                        ("qjl:outliers=0", "qjl.outliers=0")])
+def test_build_refuses_settings_without_plugin_before_export(tmp_path, capsys, spec, named):
+    """No model is loaded and nothing is written: one line naming the parameter, exit 2."""
+    from kvexport.cli import main
+    assert main(["build", "--codec", spec, str(tmp_path / "out")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "no TensorRT plugin" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_turbo_bits5_exits_fast_naming_the_parameter(tmp_path):
+    import time
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "kvexport", "build", "--codec", "turbo:bits=5", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    took = time.time() - t0
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "kvexport build: error: no TensorRT plugin: turbo.bits=5 has no CUDA kernel (compiled: 1, 2, 3, 4, 8)"], r.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert took < 60, took  # no model load, no export (those take minutes)

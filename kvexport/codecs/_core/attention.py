@@ -55,6 +55,8 @@ def softmax_attend(scores: torch.Tensor, scale: float, causal: bool, q_start: in
                    softcap: float = 0.0, sliding_window: int = 0) -> torch.Tensor:
     """Scaled, soft-capped, masked softmax over the last axis in fp32; fully masked rows give zeros."""
     s = soft_cap(scores.to(torch.float32) * scale, softcap)
+    if s.shape[-1] == 0:  # nothing to attend to (empty cache, no window): amax has no identity
+        return s
     if causal or sliding_window:
         qi = torch.arange(s.shape[-2], device=s.device) + q_start
         m = visible(qi, torch.arange(s.shape[-1], device=s.device), causal, sliding_window)

@@ -11,6 +11,8 @@ implements:
 - ``_decode(packed)`` → fp32 reconstruction,
 - optionally ``_scores`` / ``_weighted_sum`` working on the packed form,
   ``constants`` (rotations, codebooks, sketches) and ``check_head_dim``.
+
+Its ops (:func:`kvexport.ops.registry.ops_for`) follow from ``layout`` and ``version``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import attention as _att
-from .numerics import check_kv, sanitize
+from .numerics import FP16_MAX, check_kv, sanitize
 from .packed import Field, Packed
 from .params import as_dict, build_params, spec_hash
 
@@ -32,6 +34,8 @@ class Codec:
     name: ClassVar[str] = ""
     Params: ClassVar[type]
     version: ClassVar[int] = 1
+    # Op names are ``<op_prefix>KeyEncode`` / ``ValueEncode`` / ``Attention`` (default: Name)
+    op_prefix: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     lossless: ClassVar[bool] = False
     # Parameter sets of increasing rate (used by the distortion tests and reports);
@@ -59,6 +63,10 @@ class Codec:
         """Shared fp32 constants (rotations, codebooks, sketches) for ``head_dim``; none by default."""
         self.check_head_dim(head_dim)
         return {}
+
+    def constant_names(self, head_dim: int) -> tuple[str, ...]:
+        """Names of :meth:`constants` in order (override where building them is slow)."""
+        return tuple(self.constants(head_dim))
 
     # ----- layout and rate ------------------------------------------------
     def check_head_dim(self, head_dim: int) -> None:
@@ -163,7 +171,8 @@ class Codec:
 
         ``softcap`` > 0 caps the scaled scores (c·tanh(s/c)); ``sliding_window`` S > 0 lets
         the query at position p see only keys j > p - S (see :mod:`._core.attention`).
-        Returns (B, Hq, Tq, D) in q's dtype; softmax and accumulation in fp32.
+        Returns (B, Hq, Tq, D) in q's dtype, saturated at ±65504 (reconstructions on the packed
+        form may overshoot fp16's range when inputs saturated); softmax and accumulation in fp32.
         """
         if packed_k.tokens != packed_v.tokens:
             raise ValueError(f"keys hold {packed_k.tokens} tokens but values {packed_v.tokens}")
@@ -188,7 +197,7 @@ class Codec:
         if w:
             pg = _att.group_queries(p[..., t:], window_v.shape[1])
             out = out + _att.ungroup(pg @ window_v.to(torch.float32), q.shape[1], tq)
-        return out.to(q.dtype)
+        return out.clamp(-FP16_MAX, FP16_MAX).to(q.dtype)
 
     # ----- defaults for subclasses ----------------------------------------
     def _encode(self, x: torch.Tensor, role: str) -> dict[str, torch.Tensor]:

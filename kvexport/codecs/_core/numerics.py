@@ -36,6 +36,19 @@ def to_fp16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
 
 
+def store_fp16(x: torch.Tensor) -> torch.Tensor:
+    """fp16 copy of K/V under the policy (NaN → 0, ±Inf and |x| > 65504 → ±65504): the one
+    conversion for every fp16 tail, window or residual a session, export or kernel path stores."""
+    return to_fp16(sanitize(x))
+
+
+def count_sanitized(x: torch.Tensor) -> torch.Tensor:
+    """int64 (2,) on x's device (no host sync): [NaN that :func:`store_fp16` zeroes, values it
+    clamps to ±65504 (±Inf included)]."""
+    a = x.to(torch.float32).abs()  # fp32: a bf16 65504 would round to 65536; NaN compares False
+    return torch.stack([a.isnan().sum(), (a > FP16_MAX).sum()])
+
+
 def rms_side(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """fp16 RMS ‖x‖/√n along ``dim`` (keepdim), computed in fp64 to avoid overflow."""
     r = x.to(torch.float64).pow(2).mean(dim=dim, keepdim=True).sqrt()

@@ -180,5 +180,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"bad codec spec {spec!r}: expected key=value, got {item!r}")
+            if key.strip() in given:
+                raise ValueError(f"bad codec spec {spec!r}: parameter {key.strip()!r} given twice")
             given[key.strip()] = value.strip()
     return name, given

@@ -3,7 +3,7 @@
 For a group g of values: ``zero = min g``, ``scale = (max g − min g) / (2^b − 1)``,
 both stored fp16; codes are ``round((x − zero) / scale)`` clamped to [0, 2^b − 1],
 computed with the *stored* fp16 scale and zero so that decode = ``code·scale + zero``
-is exactly what every backend reproduces.  A constant group has scale 0 and
+(saturated at ±65504) is exactly what every backend reproduces.  A constant group has scale 0 and
 decodes to its minimum.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .numerics import to_fp16
+from .numerics import FP16_MAX, to_fp16
 
 
 def asym_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,5 +32,7 @@ def asym_quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, t
 
 
 def asym_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """fp32 ``code·scale + zero`` (scale, zero broadcast)."""
-    return codes.to(torch.float32) * scale.to(torch.float32) + zero.to(torch.float32)
+    """fp32 ``code·scale + zero`` (scale, zero broadcast), clamped to ±65504: the fp16-rounded
+    scale of a group spanning ±65504 overshoots (top code gives 65536, fp16 Inf)."""
+    x = codes.to(torch.float32) * scale.to(torch.float32) + zero.to(torch.float32)
+    return x.clamp(-FP16_MAX, FP16_MAX)

@@ -23,11 +23,13 @@ import functools
 import hashlib
 import json
 import math
+import sys
 import time
 
 import numpy as np
 import torch
 
+from ... import _cache
 from .. import register
 from .._core.base import Codec
 from .._core.bitpack import pack_bits, packed_bytes, unpack_bits
@@ -41,11 +43,16 @@ _MAX_N = 1 << 16
 _DEFAULT_BITS = 2.0   # paper's headline comparison point: b = 2 (8x vs fp16), k = 4 → N = 256
 _FIT_VERSION = 2      # bump when the codebook construction changes (names the disk cache)
 _DISK_CACHE_AFTER_S = 2.0
+_PROGRESS_AFTER_S = 3.0  # a codebook fit longer than this shows a progress bar (with ETA) on stderr
+_AUTO_MAX_N = 256        # k chosen from bits keeps N here: Lloyd–Max on ~16k samples stays meaningful
+_K_ORDER = (4, 2, 1, 8, 16, 3, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15)   # 4: the paper's block size
 
 
 @dataclasses.dataclass(frozen=True)
 class FibQuantParams:
-    k: int = param(4, lo=1, hi=16, doc="block size: coordinates per codebook index (must divide head_dim)")
+    k: int = param(None, lo=1, hi=16, kind=int,
+                   doc="block size: coordinates per codebook index (must divide head_dim); default 4, "
+                       f"or for a given bits the largest of 2, 1 keeping N <= {_AUTO_MAX_N}")
     bits: float = param(None, lo=1 / 16, hi=16.0, kind=float,
                         doc="rate log2(N)/k in bits per coordinate; give bits or N (default 2)")
     N: int = param(None, lo=2, hi=_MAX_N, power_of_two=True, kind=int,
@@ -61,9 +68,14 @@ class FibQuantParams:
         """Resolve ``bits`` ↔ ``N`` (N = 2^(bits·k)) and store both, so equal codecs hash equal.
 
         Neither given → bits = 2.  Only N → bits = log2(N)/k.  Only bits → N = 2^(bits·k),
-        which must be a power of two ≤ 65536.  Both → they must agree.
+        which must be a power of two ≤ 65536.  Both → they must agree.  ``k`` not given: 4,
+        unless ``bits`` (without N) would need N > 256 there; then the first k of 2, 1, 8, ...
+        that gives a power-of-two N ≤ 256 (``bits=4`` → k = 2, N = 256).  N > samples is refused.
         """
         k = self.k
+        if k is None:
+            k = 4 if self.N is not None else _auto_k(_DEFAULT_BITS if self.bits is None else self.bits)
+            object.__setattr__(self, "k", k)
         if self.N is None:
             bits = _DEFAULT_BITS if self.bits is None else self.bits
             e = bits * k
@@ -76,8 +88,19 @@ class FibQuantParams:
             if self.bits is not None and abs(self.bits * k - math.log2(n)) > 1e-9:
                 raise ValueError(f"fibquant.bits ({self.bits}) disagrees with fibquant.N ({n}) for k={k}: "
                                  f"need bits = log2(N)/k = {math.log2(n) / k}")
+        if n > self.samples:
+            raise ValueError(f"fibquant.N ({n}) exceeds fibquant.samples ({self.samples}): Lloyd–Max needs more "
+                             "training samples than codewords; lower fibquant.N (or bits, k) or raise fibquant.samples")
         object.__setattr__(self, "N", n)
         object.__setattr__(self, "bits", math.log2(n) / k)
+
+
+def _auto_k(bits: float) -> int:
+    """Block size for rate ``bits``: the first of ``_K_ORDER`` with N = 2^(bits·k) a power of two
+    ≤ ``_AUTO_MAX_N``, else the first with any N ≤ 65536, else 4 (validate names the bad bits)."""
+    ok = [k for k in _K_ORDER if abs(bits * k - round(bits * k)) <= 1e-9 and 1 <= round(bits * k) <= 16]
+    small = [k for k in ok if 1 << int(round(bits * k)) <= _AUTO_MAX_N]
+    return (small or ok or [4])[0]
 
 
 # ----- codebook construction ---------------------------------------------------
@@ -183,18 +206,21 @@ def block_samples(d: int, k: int, count: int, rng: np.random.Generator) -> np.nd
     return g / np.sqrt((g * g).sum(1) + rest)[:, None]
 
 
-def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tensor:
-    """k-means (Lloyd–Max on samples) in float64; empty cells keep their codeword."""
+def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int, step=lambda n: None) -> torch.Tensor:
+    """k-means (Lloyd–Max on samples) in float64; empty cells keep their codeword.
+    ``step(n)`` is told each finished iteration (and the skipped ones on convergence)."""
     n, k = c.shape
     prev = math.inf
     x32 = x.float()
-    for _ in range(iters):
+    for it in range(iters):
+        step(1)
         idx = nearest_codeword(x32, c.float())  # fp32 search, fp64 centroid sums
         cnt = torch.bincount(idx, minlength=n).to(x.dtype)
         s = torch.zeros_like(c).index_add_(0, idx, x)
         c = torch.where(cnt[:, None] > 0, s / cnt.clamp_min(1)[:, None], c)
         mse = float(((x - c[idx]) ** 2).sum(1).mean())
         if prev - mse <= 1e-9 * mse:  # converged (prev = inf on the first pass)
+            step(iters - it - 1)
             break
         prev = mse
     return c
@@ -211,21 +237,23 @@ def _fit(d: int, k: int, n: int, restarts: int, iters: int, samples: int, seed: 
     held = torch.from_numpy(block_samples(d, k, max(count // 2, 2 * n), rng))
     best, best_mse = None, math.inf
     choices = _shell_choices(k, n)
-    for r in range(restarts):
-        # restart r: shell count choices[r % len], rotated directions after the first pass
-        shells = choices[r % len(choices)]
-        c0 = torch.from_numpy(_init_codebook(d, k, n, shells, None if r < len(choices) else rng))
-        c = _lloyd(train, c0, iters)
-        e = _mse(held, c)
-        if e < best_mse:
-            best, best_mse = c, e
+    from tqdm.auto import tqdm
+    with tqdm(total=restarts * iters, desc=f"fibquant codebook (d={d}, k={k}, N={n})", unit="iter",
+              file=sys.stderr, delay=_PROGRESS_AFTER_S, leave=False) as bar:
+        for r in range(restarts):
+            # restart r: shell count choices[r % len], rotated directions after the first pass
+            shells = choices[r % len(choices)]
+            c0 = torch.from_numpy(_init_codebook(d, k, n, shells, None if r < len(choices) else rng))
+            c = _lloyd(train, c0, iters, bar.update)
+            e = _mse(held, c)
+            if e < best_mse:
+                best, best_mse = c, e
     return best.numpy()
 
 
 def _cache_path(key: dict):
-    from ...realkv import cache_dir
     h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "codebooks" / f"fibquant-{h}.safetensors"
+    return _cache.cache_dir() / "codebooks" / f"fibquant-{h}.safetensors"
 
 
 @functools.lru_cache(maxsize=64)
@@ -233,11 +261,11 @@ def fit_codebook(d: int, k: int, n: int, restarts: int, iters: int, samples: int
     """(N, k) fp32 codebook for k-blocks of rotated unit vectors in R^d (deterministic).
 
     Cached in-process; fits slower than 2 s are also cached on disk (safetensors,
-    written atomically) under ``cache_dir()/codebooks``.
+    written atomically with a digest checked before reuse) under ``cache_dir()/codebooks``.
     """
     key = dict(fit=_FIT_VERSION, d=d, k=k, N=n, restarts=restarts, iters=iters, samples=samples, seed=seed)
     path = _cache_path(key)
-    if path.is_file():
+    if _cache.verified(path):
         from safetensors.torch import load_file
         cb = load_file(str(path)).get("codebook")
         if cb is not None and tuple(cb.shape) == (n, k) and cb.dtype == torch.float32:
@@ -252,10 +280,8 @@ def fit_codebook(d: int, k: int, n: int, restarts: int, iters: int, samples: int
     if time.perf_counter() - t0 > _DISK_CACHE_AFTER_S:
         try:
             from safetensors.torch import save_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{time.time_ns()}.tmp")
-            save_file({"codebook": cb.contiguous()}, str(tmp), metadata={k_: str(v) for k_, v in key.items()})
-            tmp.replace(path)
+            meta = {k_: str(v) for k_, v in key.items()}
+            _cache.atomic_write(path, lambda tmp: save_file({"codebook": cb.contiguous()}, str(tmp), metadata=meta))
         except OSError:
             pass  # a read-only cache only costs a refit
     return cb
@@ -267,6 +293,7 @@ class FibQuantCodec(RotatedCodebook, Codec):
     name = "fibquant"
     Params = FibQuantParams
     version = 1
+    op_prefix = "FibQuant"
     paper = "FibQuant (Lee & Kim, arXiv:2605.11478, 2026)"
     RATE_SWEEP = ({"k": 8, "N": 16}, {"k": 4, "N": 16}, {"k": 4, "N": 64}, {"k": 4, "N": 256})
 
@@ -291,6 +318,9 @@ class FibQuantCodec(RotatedCodebook, Codec):
         """{"rotation": Π (d, d), "codebook": C (N, k)}, fp32."""
         self.check_head_dim(head_dim)
         return {"rotation": self._rotation(head_dim).clone(), "codebook": self._codebook(head_dim).clone()}
+
+    def constant_names(self, head_dim: int) -> tuple[str, ...]:
+        return ("rotation", "codebook")   # without fitting the codebook
 
     # ----- layout ---------------------------------------------------------
     def layout(self, head_dim: int, tokens: int, role: str = "key") -> list[Field]:

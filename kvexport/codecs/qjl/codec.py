@@ -36,7 +36,7 @@ from .. import register
 from .._core import rng
 from .._core.base import Codec
 from .._core.bitpack import pack_bits, packed_bytes, unpack_bits
-from .._core.numerics import norm_from_rms, rms_side, to_fp16
+from .._core.numerics import FP16_MAX, norm_from_rms, rms_side, to_fp16
 from .._core.packed import Field, Packed
 from .._core.params import param
 from .._core.uniform import asym_dequantize, asym_quantize
@@ -197,7 +197,8 @@ class QjlCodec(Codec):
     def _decode(self, packed: Packed) -> torch.Tensor:
         """Values: code·scale + zero.  Keys: the linear reconstruction (paper, Def. 3.1)
         k̂ = sqrt(π/2)/m·‖k_in‖·(Sᵀ s)|_inliers + sqrt(π/2)/m_o·‖k_o‖·(S_oᵀ s_o)|_outliers,
-        so that <q, k̂> equals the score estimator exactly."""
+        so that <q, k̂> equals the score estimator exactly (short of the ±65504 clamp that keeps
+        the reconstruction of a saturated key finite in fp16)."""
         p = self.params
         b, h, t, d = packed.shape
         if packed.role == "value":
@@ -210,11 +211,11 @@ class QjlCodec(Codec):
         k_in = (self._signs(packed, "bits", m) @ c["sketch"]) * (
             norm_from_rms(packed["norm"], d) * (SQRT_HALF_PI / m)).unsqueeze(-1)
         if not self._grouped():
-            return k_in
+            return k_in.clamp(-FP16_MAX, FP16_MAX)
         mask = self._mask(packed["outlier_idx"], d).repeat_interleave(p.group, dim=2)
         k_out = (self._signs(packed, "outlier_bits", p.outlier_m) @ c["outlier_sketch"]) * (
             norm_from_rms(packed["outlier_norm"], p.outliers) * (SQRT_HALF_PI / p.outlier_m)).unsqueeze(-1)
-        k = torch.where(mask, k_out, k_in)
+        k = torch.where(mask, k_out, k_in).clamp(-FP16_MAX, FP16_MAX)
         return torch.cat([k, packed["residual"].to(torch.float32)], dim=2)
 
     # ----- attention on the packed form ------------------------------------

@@ -28,7 +28,7 @@ import torch
 
 from .. import register
 from .._core.base import Codec
-from .._core.numerics import to_fp16
+from .._core.numerics import FP16_MAX, to_fp16
 from .._core.packed import Field, Packed
 from .._core.params import param
 
@@ -218,8 +218,9 @@ class TernaryCodec(Codec):
         tr, st = self._planes(packed)
         if self._by_channel(packed.role):
             full = (tr * st.unsqueeze(3)).sum(dim=4).reshape(b, h, tr.shape[2] * tr.shape[3], d)
+            full = full.clamp(-FP16_MAX, FP16_MAX)  # plane sums of saturated steps overshoot ±65504
             return torch.cat([full, packed["residual"].to(torch.float32)], dim=2)
-        return (tr * st.unsqueeze(-1)).sum(dim=3).reshape(b, h, t, d)
+        return (tr * st.unsqueeze(-1)).sum(dim=3).reshape(b, h, t, d).clamp(-FP16_MAX, FP16_MAX)
 
     def _scores(self, qg: torch.Tensor, packed_k: Packed) -> torch.Tensor:
         """Per token: Σ_p Σ_g s_{t,p,g} · <q_g, t_{t,p,g}> (trit dots are adds/subtracts, times the step).

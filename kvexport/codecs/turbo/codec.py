@@ -46,6 +46,11 @@ class TurboCodec(RotatedCodebook, Codec):
     paper = "TurboQuant (Zandieh et al., 2025), TurboQuant_mse"
     RATE_SWEEP = ({"bits": 1}, {"bits": 2}, {"bits": 3}, {"bits": 4})
 
+    def check_head_dim(self, head_dim: int) -> None:
+        super().check_head_dim(head_dim)
+        if head_dim < 2:  # Lemma 1's density (1 − y²)^{(d−3)/2} needs d ≥ 2 (a 1-d unit vector is ±1)
+            raise ValueError(f"turbo needs head_dim >= 2, got {head_dim}")
+
     # ----- constants ------------------------------------------------------
     def _rotation(self, d: int) -> torch.Tensor:
         return haar_rotation(self.params.seed, d, "turbo")

@@ -223,7 +223,7 @@ def attention_body(fn: Fn, q: str, k32: str, v32: str, window_k: str | None, win
     h // (Hq/Hkv)), scores · 1/√D, soft-capping ``c·tanh(s/c)`` where c > 0, mask of
     ``_core.attention.visible`` with query i at position p = Tk − Tq + i (causal: j <= p;
     sliding window S > 0: j > p − S), max-subtracted softmax in fp32 (fully masked rows →
-    zeros), output cast to q's type.  ``softcap`` (fp32 scalar) and ``sliding_window``
+    zeros), output saturated at ±65504 and cast to q's type.  ``softcap`` (fp32 scalar) and ``sliding_window``
     (int64 scalar) are value names, typically :meth:`Fn.attr_float` / :meth:`Fn.attr_int`
     of the calling node, so one function serves layers with different windows.
     """
@@ -259,4 +259,4 @@ def attention_body(fn: Fn, q: str, k32: str, v32: str, window_k: str | None, win
     pg = fn.reshape(p, fn.cat_shape(fn.dim(q32, 0), hkv, -1, fn.dim(k32, 2)))  # (B, Hkv, G*Tq, Tk)
     o = fn.op("MatMul", pg, v32)                                               # (B, Hkv, G*Tq, D)
     o = fn.reshape(o, fn.cat_shape(q_shape3, head_dim))
-    return fn.op("CastLike", o, q)
+    return fn.op("CastLike", fn.clamp_fp16_range(o), q)   # saturated like Codec.attend

@@ -59,10 +59,10 @@ def decode(fn: Fn, f: dict[str, str], consts: dict, codec, role: str, d: int) ->
         cg = fn.reshape(codes, fn.cat_shape(sc3, p.group, d))
         deq = fn.op("Add", fn.op("Mul", cg, fn.op("Unsqueeze", fn.cast(f["scale"], F32), fn.ints(3))),
                     fn.op("Unsqueeze", fn.cast(f["zero"], F32), fn.ints(3)))
-        deq = fn.reshape(deq, fn.cat_shape(fn.shape_of(f["codes"], 0, 3), d))
+        deq = fn.reshape(fn.clamp_fp16_range(deq), fn.cat_shape(fn.shape_of(f["codes"], 0, 3), d))
         return fn.op("Concat", deq, fn.cast(f["residual"], F32), axis=2)
     lead = fn.shape_of(f["codes"], 0, 3)
     cg = fn.reshape(codes, fn.cat_shape(lead, d // p.value_group, p.value_group))
     deq = fn.op("Add", fn.op("Mul", cg, fn.op("Unsqueeze", fn.cast(f["scale"], F32), fn.ints(4))),
                 fn.op("Unsqueeze", fn.cast(f["zero"], F32), fn.ints(4)))
-    return fn.reshape(deq, fn.cat_shape(lead, d))
+    return fn.reshape(fn.clamp_fp16_range(deq), fn.cat_shape(lead, d))    # _core.uniform: saturated

@@ -81,7 +81,7 @@ def decode(fn: Fn, f: dict[str, str], consts: dict, codec, role: str, d: int) ->
     m = codec.sketch_rows(d)
     k_in = _signs_rows(fn, f["bits"], m, consts["sketch"], f["norm"], d)
     if p.outliers == 0:
-        return k_in
+        return fn.clamp_fp16_range(k_in)   # saturated like the torch decode
     k_out = _signs_rows(fn, f["outlier_bits"], p.outlier_m, consts["outlier_sketch"], f["outlier_norm"], p.outliers)
-    k = fn.op("Where", _mask(fn, f["outlier_idx"], d, p.group), k_out, k_in)
+    k = fn.clamp_fp16_range(fn.op("Where", _mask(fn, f["outlier_idx"], d, p.group), k_out, k_in))
     return fn.op("Concat", k, fn.cast(f["residual"], F32), axis=2)

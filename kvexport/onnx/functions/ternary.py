@@ -103,11 +103,11 @@ def decode(fn: Fn, f: dict[str, str], consts: dict, codec, role: str, d: int) ->
         tr = fn.reshape(_unpack_trits(fn, f["trits"], d),
                         fn.cat_shape(fn.shape_of(st, 0, 3), kg, codec.planes("key"), d))  # (B,H,NG,kg,P,D)
         full = fn.reduce("ReduceSum", fn.op("Mul", tr, fn.op("Unsqueeze", st, fn.ints(3))), 4, 0)
-        full = fn.reshape(full, fn.cat_shape(fn.shape_of(st, 0, 2), -1, d))
+        full = fn.reshape(fn.clamp_fp16_range(full), fn.cat_shape(fn.shape_of(st, 0, 2), -1, d))
         return fn.op("Concat", full, fn.cast(f["residual"], F32), axis=2)
     g = codec.params.group
     lead4 = fn.shape_of(f["trits"], 0, 4)                                     # (B, H, T, P)
     tr = fn.reshape(_unpack_trits(fn, f["trits"], d), fn.cat_shape(lead4, d // g, g))
     st = fn.op("Unsqueeze", fn.cast(f["steps"], F32), fn.ints(-1))
     x = fn.reduce("ReduceSum", fn.op("Mul", tr, st), 3, 0)       # (B, H, T, G, g)
-    return fn.reshape(x, fn.cat_shape(fn.shape_of(f["trits"], 0, 3), d))
+    return fn.reshape(fn.clamp_fp16_range(x), fn.cat_shape(fn.shape_of(f["trits"], 0, 3), d))

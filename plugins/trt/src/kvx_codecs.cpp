@@ -1,8 +1,12 @@
 // Per-codec glue between the generic plugin and the kernel launchers of plugins/<codec>/:
 // packed-field shapes (mirroring each codec's Python ``layout``), the kernels' integer
-// parameters (kvexport/kernels/cache.py ``kernel_params``), the kernels' supported parameter
-// range and, where the kernels want them rearranged, their constant slots.  A codec listed here has
-// TensorRT plugins; any other codec's ops are left out of getCreators().
+// parameters (kvexport/kernels/cache.py ``kernel_params``) and, where the kernels want them
+// rearranged, their constant slots.  The supported parameter ranges and every parameter a
+// codec derives (fibquant index bits, ternary planes, qjl sketch rows) come from the generated
+// kernel tables (kvexport/kernels/support.py): nothing is re-derived here, and fields have no
+// defaults here (createPlugin requires them).  A codec listed here has TensorRT plugins; any
+// other codec's ops are left out of getCreators().
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -52,10 +56,80 @@ std::string strAttr(Attrs const& a, char const* name, char const* dflt) {
   return dflt;
 }
 
-bool oneOf(int32_t v, std::initializer_list<int32_t> allowed) {
-  for (int32_t x : allowed)
-    if (x == v) return true;
-  return false;
+std::vector<int32_t> intsAttr(Attrs const& a, char const* name) {
+  for (auto const& v : a.values())
+    if (v.name == name) return v.ints;
+  return {};
+}
+
+std::string join(int32_t const* v, int32_t n) {
+  std::string s;
+  for (int32_t i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s;
+}
+
+// The generated dispatch declaration for `codec`: compiled choices, spans and pairs of the
+// fields the node carries.
+bool checkDeclared(Attrs const& a, char const* codec, std::string& err) {
+  KernelTables const& t = kernelTables();
+  for (int32_t i = 0; i < t.nbChoices; ++i) {
+    KernelChoice const& c = t.choices[i];
+    if (std::strcmp(c.codec, codec) != 0 || !a.has(c.param)) continue;
+    int32_t const v = a.getInt(c.param);
+    if (std::find(c.values, c.values + c.n, v) == c.values + c.n) {
+      err = std::string(codec) + "." + c.param + " must be one of " + join(c.values, c.n) +
+            " for the CUDA kernels, got " + std::to_string(v);
+      return false;
+    }
+  }
+  for (int32_t i = 0; i < t.nbSpans; ++i) {
+    KernelSpan const& s = t.spans[i];
+    if (std::strcmp(s.codec, codec) != 0 || !a.has(s.param)) continue;
+    std::vector<int32_t> vals = intsAttr(a, s.param);
+    if (vals.empty()) vals.push_back(a.getInt(s.param));
+    for (int32_t v : vals)
+      if (v < s.lo || v > s.hi || v % s.multipleOf) {
+        err = std::string(codec) + "." + s.param + " must be " +
+              (s.multipleOf > 1 ? "a multiple of " + std::to_string(s.multipleOf) + " " : std::string()) + "in [" +
+              std::to_string(s.lo) + ", " + std::to_string(s.hi) + "] for the CUDA kernels, got " + std::to_string(v);
+        return false;
+      }
+  }
+  std::string pairs, names;
+  bool any = false, found = false;
+  for (int32_t i = 0; i < t.nbCombos; ++i) {
+    KernelCombo const& c = t.combos[i];
+    if (std::strcmp(c.codec, codec) != 0 || !a.has(c.a) || !a.has(c.b)) continue;
+    any = true;
+    names = std::string(c.a) + "=" + std::to_string(a.getInt(c.a)) + ", " + c.b + "=" + std::to_string(a.getInt(c.b));
+    pairs += " (" + std::to_string(c.va) + "," + std::to_string(c.vb) + ")";
+    found |= a.getInt(c.a) == c.va && a.getInt(c.b) == c.vb;
+  }
+  if (any && !found) {
+    err = std::string(codec) + " (" + names + ") has no CUDA kernel; must be one of" + pairs;
+    return false;
+  }
+  return true;
+}
+
+// Kernel parameter `name` of `codec`: the field `name` if the node carries it, else the
+// generated value for the node's source field (at head dim D); -1 where none is tabulated.
+int32_t derived(Attrs const& a, char const* codec, char const* name, int64_t D, std::string& source) {
+  if (a.has(name)) return a.getInt(name);
+  KernelTables const& t = kernelTables();
+  for (int32_t i = 0; i < t.nbDerived; ++i) {
+    KernelDerived const& r = t.derived[i];
+    if (std::strcmp(r.codec, codec) != 0 || std::strcmp(r.name, name) != 0) continue;
+    source = r.source;
+    if ((r.headDim != 0 && r.headDim != D) || !a.has(r.source)) continue;
+    double const v = a.getFloat(r.source);
+    if (std::fabs(v - r.value) <= 1e-5 * std::max(1.0, std::fabs(r.value))) return r.derived;
+  }
+  return -1;
+}
+int32_t derived(Attrs const& a, char const* codec, char const* name, int64_t D) {
+  std::string source;
+  return derived(a, codec, name, D, source);
 }
 
 // ---- fp16: field "x" (T, D) fp16.
@@ -67,43 +141,33 @@ bool fp16Shape(Attrs const&, int32_t, int32_t, int64_t D, FieldShape& s, std::st
 KernelParams fp16Params(Attrs const&, int64_t) { return {16, 0, 0, 0}; }
 
 // ---- turbo: "norm" (T, 1) fp16, "codes" (T, ceil(D·bits/8)) uint8.
-bool turboCheck(Attrs const& a, std::string& err) {
-  int32_t const b = a.getInt("bits", 3);
-  if (b == 1 || b == 2 || b == 3 || b == 4 || b == 8) return true;
-  err = "turbo.bits must be one of 1, 2, 3, 4, 8 for the CUDA kernels, got " + std::to_string(b);
-  return false;
-}
+bool turboCheck(Attrs const& a, std::string& err) { return checkDeclared(a, "turbo", err); }
 bool turboShape(Attrs const& a, int32_t, int32_t field, int64_t D, FieldShape& s, std::string&) {
-  s = perToken(field == 0 ? 1 : packedBytes(D, a.getInt("bits", 3)));
+  s = perToken(field == 0 ? 1 : packedBytes(D, a.getInt("bits")));
   return true;
 }
-KernelParams turboParams(Attrs const& a, int64_t) { return {a.getInt("bits", 3), 0, 0, 0}; }
+KernelParams turboParams(Attrs const& a, int64_t) { return {a.getInt("bits"), 0, 0, 0}; }
 
-// ---- fibquant: "norm" (T, 1) fp16, "codes" (T, ceil((D/k)·log2 N / 8)) uint8; N = 2^(bits·k).
-int32_t fibIndexBits(Attrs const& a) {
-  int32_t const k = a.getInt("k", 4);
-  if (a.has("N")) return static_cast<int32_t>(std::lround(std::log2(static_cast<double>(a.getInt("N", 256)))));
-  return static_cast<int32_t>(std::lround(a.getFloat("bits", 2.0f) * k));
-}
+// ---- fibquant: "norm" (T, 1) fp16, "codes" (T, ceil((D/k)·log2 N / 8)) uint8.
+int32_t fibIndexBits(Attrs const& a) { return derived(a, "fibquant", "index_bits", 0); }
 bool fibCheck(Attrs const& a, std::string& err) {
-  int32_t const k = a.getInt("k", 4), ib = fibIndexBits(a);
-  static int32_t const kPairs[][2] = {{8, 4}, {8, 8}, {4, 4}, {4, 6}, {4, 8}, {2, 4}};
-  for (auto const& p : kPairs)
-    if (p[0] == k && p[1] == ib) return true;
-  err = "fibquant (k=" + std::to_string(k) + ", N=" + std::to_string(1 << ib) +
-        ") has no CUDA kernel; (k, N) must be one of (8,16) (8,256) (4,16) (4,64) (4,256) (2,16)";
-  return false;
+  if (!checkDeclared(a, "fibquant", err)) return false;
+  if (fibIndexBits(a) < 0) {
+    err = "fibquant: the node carries no N the CUDA kernels are compiled for";
+    return false;
+  }
+  return true;
 }
 bool fibShape(Attrs const& a, int32_t, int32_t field, int64_t D, FieldShape& s, std::string& err) {
-  int32_t const k = a.getInt("k", 4);
-  if (D % k) {
+  int32_t const k = a.getInt("k");
+  if (k < 1 || D % k) {
     err = "fibquant.k (" + std::to_string(k) + ") must divide head_dim " + std::to_string(D);
     return false;
   }
   s = perToken(field == 0 ? 1 : packedBytes(D / k, fibIndexBits(a)));
   return true;
 }
-KernelParams fibParams(Attrs const& a, int64_t) { return {fibIndexBits(a), 0, 0, a.getInt("k", 4)}; }
+KernelParams fibParams(Attrs const& a, int64_t) { return {fibIndexBits(a), 0, 0, a.getInt("k")}; }
 
 // ---- polar: "codes" (T, ceil(sum_l (D >> l)·b_l / 8)) uint8, "radius" (T, D / 2^L) fp16.
 // Kernel slots (kvexport.kernels.cache.kernel_constants): 0 = rotation, 1 = per level cos_l
@@ -114,18 +178,14 @@ std::vector<int32_t> polarLevelBits(Attrs const& a) {
   return {};
 }
 bool polarCheck(Attrs const& a, std::string& err) {
+  if (!checkDeclared(a, "polar", err)) return false;
   std::vector<int32_t> const lb = polarLevelBits(a);
-  int32_t const levels = a.getInt("levels", 4);
-  if (levels != 4 || static_cast<int32_t>(lb.size()) != levels) {
-    err = "polar needs levels = 4 and level_bits with 4 entries for the CUDA kernels (got levels=" +
-          std::to_string(levels) + ", " + std::to_string(lb.size()) + " level_bits)";
+  int32_t const levels = a.getInt("levels");
+  if (static_cast<int32_t>(lb.size()) != levels) {
+    err = "polar needs level_bits with one entry per level (levels=" + std::to_string(levels) + ", " +
+          std::to_string(lb.size()) + " level_bits)";
     return false;
   }
-  for (int32_t b : lb)
-    if (b < 1 || b > 8) {
-      err = "polar.level_bits must be in [1, 8] for the CUDA kernels, got " + std::to_string(b);
-      return false;
-    }
   return true;
 }
 bool polarShape(Attrs const& a, int32_t, int32_t field, int64_t D, FieldShape& s, std::string& err) {
@@ -181,11 +241,8 @@ bool polarPack(Attrs const& a, float const* const* in, int64_t const* counts, in
 // (T mod g, D) fp16.  Values per token over `value_group` channels: codes (T, ceil(D·b/8)),
 // scale / zero (T, D/vg).
 bool kiviCheck(Attrs const& a, std::string& err) {
-  int32_t const b = a.getInt("bits", 2), g = a.getInt("group", 32), vg = a.getInt("value_group", 32);
-  if (!oneOf(b, {2, 3, 4, 8})) {
-    err = "kivi.bits must be one of 2, 3, 4, 8 for the CUDA kernels, got " + std::to_string(b);
-    return false;
-  }
+  if (!checkDeclared(a, "kivi", err)) return false;
+  int32_t const g = a.getInt("group"), vg = a.getInt("value_group");
   if (g < 1 || vg < 1) {
     err = "kivi.group and kivi.value_group must be >= 1, got " + std::to_string(g) + " and " + std::to_string(vg);
     return false;
@@ -193,7 +250,7 @@ bool kiviCheck(Attrs const& a, std::string& err) {
   return true;
 }
 bool kiviShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape& s, std::string& err) {
-  int32_t const b = a.getInt("bits", 2), g = a.getInt("group", 32), vg = a.getInt("value_group", 32);
+  int32_t const b = a.getInt("bits"), g = a.getInt("group"), vg = a.getInt("value_group");
   if (role == 0) {
     if (g * D > 48 * 1024) {
       err = "kivi.group (" + std::to_string(g) + ") x head_dim (" + std::to_string(D) +
@@ -212,33 +269,30 @@ bool kiviShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShap
   return true;
 }
 KernelParams kiviParams(Attrs const& a, int64_t) {
-  return {a.getInt("bits", 2), a.getInt("group", 32), a.getInt("value_group", 32), 0};
+  return {a.getInt("bits"), a.getInt("group"), a.getInt("value_group"), 0};
 }
 
 // ---- ternary (ternary/codec.py layout), key_axis = "channel" (the ops' key layout): keys
 // trits (floor(T/K)·K, Pk, ceil(D/5)) uint8, steps (floor(T/K), Pk, D) fp16, residual
 // (T mod K, D) fp16 (K = key_group); values trits (T, Pv, ceil(D/5)), steps (T, Pv, D/group).
-// Planes: key_planes / value_planes, else round(bits / 0.8) total split keys-first.
+// Planes: key_planes / value_planes, else the codec's split of bits (generated table).
 int32_t ternaryPlanes(Attrs const& a, bool key) {
-  char const* name = key ? "key_planes" : "value_planes";
-  if (a.has(name)) return a.getInt(name, 0);
-  int32_t const total = static_cast<int32_t>(std::lround(a.getFloat("bits", 5.6f) / 0.8f));
-  return key ? (total + 1) / 2 : total / 2;
+  return derived(a, "ternary", key ? "key_planes" : "value_planes", 0);
 }
 bool ternaryCheck(Attrs const& a, std::string& err) {
-  std::string const axis = strAttr(a, "key_axis", "channel");
+  std::string const axis = strAttr(a, "key_axis", "");
   if (axis != "channel") {
     err = "ternary.key_axis must be 'channel' for the TensorRT plugins (the ops' key fields are the per-channel "
           "trits, steps, residual), got '" + axis + "'";
     return false;
   }
-  int32_t const pk = ternaryPlanes(a, true), pv = ternaryPlanes(a, false);
-  if (pk < 1 || pk > 8 || pv < 1 || pv > 8) {
-    err = "ternary.key_planes / value_planes must be in [1, 8] for the CUDA kernels, got " + std::to_string(pk) +
-          " / " + std::to_string(pv);
+  if (!checkDeclared(a, "ternary", err)) return false;
+  if (ternaryPlanes(a, true) < 1 || ternaryPlanes(a, false) < 1) {
+    err = "ternary.bits (" + std::to_string(a.getFloat("bits")) + ") has no plane split for the CUDA kernels "
+          "(and key_planes / value_planes are not given)";
     return false;
   }
-  if (a.getInt("group", 64) < 1 || a.getInt("key_group", 64) < 1) {
+  if (a.getInt("group") < 1 || a.getInt("key_group") < 1) {
     err = "ternary.group and ternary.key_group must be >= 1";
     return false;
   }
@@ -247,12 +301,12 @@ bool ternaryCheck(Attrs const& a, std::string& err) {
 bool ternaryShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape& s, std::string& err) {
   int64_t const nb = (D + 4) / 5;
   if (role == 0) {
-    int32_t const k = a.getInt("key_group", 64), p = ternaryPlanes(a, true);
+    int32_t const k = a.getInt("key_group"), p = ternaryPlanes(a, true);
     s = field == 0 ? shape(Rows::kGROUPED, k, {p, nb})
         : field == 1 ? shape(Rows::kGROUPS, k, {p, D}) : shape(Rows::kREST, k, {D});
     return true;
   }
-  int32_t const g = a.getInt("group", 64), p = ternaryPlanes(a, false);
+  int32_t const g = a.getInt("group"), p = ternaryPlanes(a, false);
   if (D % g) {
     err = "ternary.group (" + std::to_string(g) + ") must divide head_dim " + std::to_string(D);
     return false;
@@ -261,7 +315,7 @@ bool ternaryShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldS
   return true;
 }
 KernelParams ternaryParams(Attrs const& a, int64_t) {
-  return {ternaryPlanes(a, true) | ternaryPlanes(a, false) << 8, a.getInt("key_group", 64), a.getInt("group", 64), 0};
+  return {ternaryPlanes(a, true) | ternaryPlanes(a, false) << 8, a.getInt("key_group"), a.getInt("group"), 0};
 }
 
 // ---- qjl (qjl/codec.py layout), outliers > 0 (the ops' key layout): keys over complete
@@ -270,36 +324,23 @@ KernelParams ternaryParams(Attrs const& a, int64_t) {
 // kivi-style codes (T, ceil(D·vb/8)), scale / zero (T, D/vg).  m = qjl.m or bits·D.
 // Kernel slots: Sᵀ (D, m) and S_oᵀ (D, m_o), transposed from the ONNX constants S, S_o.
 bool qjlRows(Attrs const& a, int64_t D, int64_t& m, std::string& err) {
-  if (a.has("m")) {
-    m = a.getInt("m", 0);
-  } else {
-    double const x = static_cast<double>(a.getFloat("bits", 2.0f)) * static_cast<double>(D);
-    m = static_cast<int64_t>(std::lround(x));
-    if (std::fabs(x - static_cast<double>(m)) > 1e-6) m = -1;
-  }
-  if (m < 8 || m % 8 || m > 4096) {
-    err = "qjl.m (or qjl.bits x head_dim " + std::to_string(D) + ") must be a multiple of 8 in [8, 4096] for the "
-          "CUDA kernels";
+  m = derived(a, "qjl", "m", D);
+  if (m < 0) {
+    err = "qjl.bits (" + std::to_string(a.getFloat("bits")) + ") x head_dim " + std::to_string(D) +
+          " is no sketch-row count the CUDA kernels take (give qjl.m)";
     return false;
   }
   return true;
 }
 bool qjlCheck(Attrs const& a, std::string& err) {
-  int32_t const o = a.getInt("outliers", 4), mo = a.getInt("outlier_m", 128), vb = a.getInt("value_bits", 2);
+  int32_t const o = a.getInt("outliers");
   if (o < 1) {
     err = "qjl.outliers must be >= 1 for the TensorRT plugins (the ops' key fields include the outlier groups), got " +
           std::to_string(o);
     return false;
   }
-  if (mo < 8 || mo % 8 || mo > 4096) {
-    err = "qjl.outlier_m must be a multiple of 8 in [8, 4096] for the CUDA kernels, got " + std::to_string(mo);
-    return false;
-  }
-  if (!oneOf(vb, {2, 3, 4, 8})) {
-    err = "qjl.value_bits must be one of 2, 3, 4, 8 for the CUDA kernels, got " + std::to_string(vb);
-    return false;
-  }
-  if (a.getInt("group", 32) < 1 || a.getInt("value_group", 32) < 1) {
+  if (!checkDeclared(a, "qjl", err)) return false;
+  if (a.getInt("group") < 1 || a.getInt("value_group") < 1) {
     err = "qjl.group and qjl.value_group must be >= 1";
     return false;
   }
@@ -308,7 +349,7 @@ bool qjlCheck(Attrs const& a, std::string& err) {
 bool qjlShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape& s, std::string& err) {
   if (role == 0) {
     int64_t m = 0;
-    int32_t const o = a.getInt("outliers", 4), g = a.getInt("group", 32);
+    int32_t const o = a.getInt("outliers"), g = a.getInt("group");
     if (!qjlRows(a, D, m, err)) return false;
     if (o >= D) {
       err = "qjl.outliers (" + std::to_string(o) + ") must be < head_dim " + std::to_string(D);
@@ -316,33 +357,33 @@ bool qjlShape(Attrs const& a, int32_t role, int32_t field, int64_t D, FieldShape
     }
     switch (field) {
       case 0: s = shape(Rows::kGROUPED, g, {m / 8}); break;
-      case 2: s = shape(Rows::kGROUPED, g, {a.getInt("outlier_m", 128) / 8}); break;
+      case 2: s = shape(Rows::kGROUPED, g, {a.getInt("outlier_m") / 8}); break;
       case 1: case 3: s = shape(Rows::kGROUPED, g, {}); break;
       case 4: s = shape(Rows::kGROUPS, g, {o}); break;
       default: s = shape(Rows::kREST, g, {D});
     }
     return true;
   }
-  int32_t const vg = a.getInt("value_group", 32);
+  int32_t const vg = a.getInt("value_group");
   if (D % vg) {
     err = "qjl.value_group (" + std::to_string(vg) + ") must divide head_dim " + std::to_string(D);
     return false;
   }
-  s = perToken(field == 0 ? packedBytes(D, a.getInt("value_bits", 2)) : D / vg);
+  s = perToken(field == 0 ? packedBytes(D, a.getInt("value_bits")) : D / vg);
   return true;
 }
 KernelParams qjlParams(Attrs const& a, int64_t D) {
   int64_t m = 0;
   std::string err;
   if (!qjlRows(a, D, m, err)) m = 0;  // the launchers refuse m = 0 by name
-  return {a.getInt("value_bits", 2) | a.getInt("outliers", 4) << 8, a.getInt("group", 32),
-          a.getInt("value_group", 32), static_cast<int32_t>(m) | a.getInt("outlier_m", 128) << 16};
+  return {a.getInt("value_bits") | a.getInt("outliers") << 8, a.getInt("group"), a.getInt("value_group"),
+          static_cast<int32_t>(m) | a.getInt("outlier_m") << 16};
 }
 size_t qjlPackFloats(Attrs const& a, int64_t D) {
   int64_t m = 0;
   std::string err;
   if (!qjlRows(a, D, m, err)) return 0;
-  return static_cast<size_t>(D * (m + a.getInt("outlier_m", 128)));
+  return static_cast<size_t>(D * (m + a.getInt("outlier_m")));
 }
 // ONNX constant inputs: sketch S (m, D), outlier_sketch S_o (m_o, D).
 bool qjlPack(Attrs const& a, float const* const* in, int64_t const* counts, int32_t n, int64_t D, float* ws,

@@ -27,6 +27,15 @@ OpDef const* opTable(int32_t& count) {
   return kOps;
 }
 
+template <typename T, size_t N>
+constexpr int32_t countOf(T const (&)[N]) { return static_cast<int32_t>(N); }
+
+KernelTables const& kernelTables() {
+  static KernelTables const t{kKernelChoices, countOf(kKernelChoices), kKernelSpans, countOf(kKernelSpans),
+                              kKernelCombos, countOf(kKernelCombos), kKernelDerived, countOf(kKernelDerived)};
+  return t;
+}
+
 namespace {
 
 ILoggerFinder* gLoggerFinder = nullptr;
@@ -385,6 +394,8 @@ int32_t KvxPlugin::enqueueEncode(PluginTensorDesc const* inputDesc, PluginTensor
   a.x_sH = x.d[2] * a.x_sT;
   a.x_sB = x.d[1] * a.x_sH;
   a.lens = lens;
+  a.max_len = 0;            // fresh buffers: every sequence starts at 0 ...
+  a.capacity = a.n_new;     // ... and the outputs hold exactly the T new tokens
   a.role = mOp.role;
   for (int32_t i = 0; i < mOp.nbOutputs && i < KVX_MAX_FIELDS; ++i)
     a.f[i] = field(outputs[i], outputDesc[i].dims, outputDesc[i].type);
@@ -428,7 +439,7 @@ int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTen
   int32_t const firstC = afterV + (window ? 2 : 0);
   int64_t const tc = inputDesc[firstV].dims.d[2];
   int64_t const W = window ? inputDesc[afterV].dims.d[2] : 0;
-  bool const causal = mAttrs.getInt("causal", 1) != 0;
+  bool const causal = mAttrs.getInt("causal") != 0;
   bool const perSequence = tq > 1 && !causal;  // one launch per sequence, Tq rows
   int64_t const rows = perSequence ? tq : B;    // kernel batch (lengths entries)
   int32_t const hkv = static_cast<int32_t>(inputDesc[firstK].dims.d[1]);
@@ -467,6 +478,7 @@ int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTen
   a.q_dtype = qCode;
   a.lens = lens;
   a.max_len = static_cast<int32_t>(tc);
+  a.capacity = static_cast<int32_t>(tc);  // the packed inputs hold Tc tokens
   a.win_lens = winLens;
   a.win_max = static_cast<int32_t>(W);
   float* packWs = reinterpret_cast<float*>(base + off);
@@ -474,8 +486,8 @@ int32_t KvxPlugin::enqueueAttention(PluginTensorDesc const* inputDesc, PluginTen
   KernelParams const p = mCodec.params(mAttrs, D);
   a.bits = p.bits; a.group = p.group; a.value_group = p.valueGroup; a.block = p.block;
   a.scale = 1.0f / std::sqrt(static_cast<float>(D));
-  a.softcap = mAttrs.getFloat("softcap", 0);
-  a.sliding_window = mAttrs.getInt("sliding_window", 0);
+  a.softcap = mAttrs.getFloat("softcap");
+  a.sliding_window = mAttrs.getInt("sliding_window");
   a.workspace = ws;
   size_t const actBytes = qCode == 2 ? 4 : 2;
 
@@ -587,15 +599,16 @@ IPluginV3* KvxPluginCreator::createPlugin(char const* name, PluginFieldCollectio
       }
       attrs.set(std::move(v));
     }
-    for (int32_t j = 0; j < mOp.nbAttrs; ++j) {
-      AttrDef const& d = mOp.attrs[j];
-      if (!d.hasDefault || attrs.has(d.name)) continue;
-      AttrValue v;
-      v.name = d.name;
-      v.type = d.type;
-      if (d.type == AttrType::kFLOAT) v.floats.push_back(static_cast<float>(d.dflt));
-      else v.ints.push_back(static_cast<int32_t>(d.dflt));
-      attrs.set(std::move(v));
+    // No silent defaults: the exporter writes every field the registry gives a default, so a
+    // node without one is not ours (or from another format version) and is refused by name.
+    std::string missing;
+    for (int32_t j = 0; j < mOp.nbAttrs; ++j)
+      if (mOp.attrs[j].required && !attrs.has(mOp.attrs[j].name))
+        missing += std::string(missing.empty() ? "" : ", ") + "'" + mOp.attrs[j].name + "'";
+    if (!missing.empty()) {
+      logError(std::string(mOp.name) + " v" + mOp.version + ": missing required field(s) " + missing +
+               " (re-export the model with this kvexport)");
+      return nullptr;
     }
     std::string err;
     if (!mCodec.check(attrs, err)) {

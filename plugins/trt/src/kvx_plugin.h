@@ -28,8 +28,7 @@ enum class TType : int32_t { kACT = 0, kHALF = 1, kUINT8 = 2, kINT64 = 3 };
 struct AttrDef {
   char const* name;
   AttrType type;
-  bool hasDefault;  // registry default (scalars only), applied when the node omits the field
-  double dflt;
+  bool required;  // the registry has a default, so the exporter always writes it: refused when absent
 };
 
 struct TensorDef {
@@ -56,6 +55,44 @@ struct OpDef {
   int32_t nbConsts;       // codec constants fed as trailing fp32 inputs
 };
 
+// The kernel dispatch declaration (kvexport/kernels/support.py), generated into kvx_trt_ops.inc.
+struct KernelChoice {  // integer field `param` of `codec`: only values[0 .. n) are compiled
+  char const* codec;
+  char const* param;
+  int32_t n;
+  int32_t values[8];
+};
+struct KernelSpan {  // integer (or each entry of an ints) field within [lo, hi], a multiple of multipleOf
+  char const* codec;
+  char const* param;
+  int32_t lo, hi, multipleOf;
+};
+struct KernelCombo {  // one compiled pair (a, b) = (va, vb)
+  char const* codec;
+  char const* a;
+  char const* b;
+  int32_t va, vb;
+};
+struct KernelDerived {  // kernel parameter `name` = `derived` where field `source` = value (at headDim; 0 = any)
+  char const* codec;
+  char const* source;
+  double value;
+  int32_t headDim;
+  char const* name;
+  int32_t derived;
+};
+struct KernelTables {
+  KernelChoice const* choices;
+  int32_t nbChoices;
+  KernelSpan const* spans;
+  int32_t nbSpans;
+  KernelCombo const* combos;
+  int32_t nbCombos;
+  KernelDerived const* derived;
+  int32_t nbDerived;
+};
+KernelTables const& kernelTables();
+
 // One attribute value as carried by a PluginField.
 struct AttrValue {
   std::string name;
@@ -70,6 +107,9 @@ class Attrs {
   bool has(char const* name) const;
   int32_t getInt(char const* name, int32_t dflt) const;
   float getFloat(char const* name, float dflt) const;
+  // Required fields (present: createPlugin refuses a collection without them).
+  int32_t getInt(char const* name) const { return getInt(name, 0); }
+  float getFloat(char const* name) const { return getFloat(name, 0.f); }
   std::vector<AttrValue> const& values() const { return mValues; }
   void set(AttrValue v);
 
