@@ -68,6 +68,24 @@ BUILDERS = {
 }
 
 
+
+def _run_twice(fn, timeout: float) -> None:
+    """Run ``fn`` in two threads at once; re-raise what either raised."""
+    errors = []
+
+    def guarded():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not errors, errors
+
 def test_object_cache_key_ignores_temporary_dirs(fake):
     """Two plugin-library builds (each in its own temporary directory) share compiled objects."""
     first = tbuild.build(["86"])
@@ -112,21 +130,13 @@ def test_concurrent_builders_make_one_library(fake, monkeypatch, which):
     monkeypatch.setenv("FAKE_NVCC_LINK_SLEEP", "0.5")
     from kvexport.trt import codegen
     codegen.generate()                          # warm the op registry outside the threads
-    start, out, errors = threading.Barrier(2), [], []
+    start, out = threading.Barrier(2), []
 
     def one():
         start.wait()
-        try:
-            out.append(BUILDERS[which]())
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
+        out.append(BUILDERS[which]())
 
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    _run_twice(one, 60)
     assert len(out) == 2 and out[0] == out[1]
     assert fake.calls("link") == 1, "both builders linked: no lock around the build"
     assert out[0].read_bytes() == b"fake library\n" and _cache.verified(out[0])
@@ -207,20 +217,10 @@ def test_realkv_concurrent_writers_use_unique_temp_names(tmp_path, monkeypatch):
         both_written.wait()                      # both writers hold a written temp file
 
     monkeypatch.setattr(st, "save_file", save)
-    errors = []
-
     def one():
-        try:
-            assert torch.equal(realkv.load_real_kv((0,), 2)["k.0"], data["k.0"])
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
+        assert torch.equal(realkv.load_real_kv((0,), 2)["k.0"], data["k.0"])
 
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert not errors, errors
+    _run_twice(one, 30)
     assert len(set(temps)) == 2 and all(p.parent == tmp_path for p in temps)
     (final,) = tmp_path.glob("realkv-*.safetensors")
     assert _cache.verified(final) and not list(tmp_path.glob("*.tmp*"))
